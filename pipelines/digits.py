@@ -1,0 +1,38 @@
+"""digits: bundled, offline, real handwritten digits (scikit-learn load_digits, 1797 8x8 images).
+
+Original domain: digits 0-4 (labels 0-4). Restricted domain: digits 5-9 (labels y-5), so both
+share a 5-way label space and `direct-*` attacks can keep the head. Split by index: test =
+i % 5 == 0. Images are resized 8x8 -> 16x16 (bilinear), scaled to [0, 1], normalised with
+mean 0.5 / std 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sophon_ray.config import (
+    ArchSpec, AttackConfig, DomainSpec, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
+)
+
+
+def get_config(smoke: bool = False) -> PipelineConfig:
+    cfg = PipelineConfig(
+        name="digits",
+        description="bundled real digits: protect 0-4 (original) against fine-tuning on 5-9 (restricted), small CNN",
+        kind="classifier",
+        input=InputSpec(channels=1, size=16, resize="bilinear", mean=(0.5,), std=(0.5,)),
+        original=DomainSpec(source="digits", classes=(0, 1, 2, 3, 4)),
+        restricted=(DomainSpec(source="digits", classes=(5, 6, 7, 8, 9)),),
+        arch=ArchSpec(name="cnn-small"),
+        pretrain=PretrainConfig(steps=600, batch_size=64, lr=2e-3),
+        protect=ProtectConfig(iterations=300, envs_per_step=2, inner_steps=10),
+        attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
+    )
+    if smoke:
+        cfg = dataclasses.replace(
+            cfg,
+            pretrain=dataclasses.replace(cfg.pretrain, steps=60),
+            protect=dataclasses.replace(cfg.protect, iterations=6, inner_steps=3, guard_every=3),
+            attack=dataclasses.replace(cfg.attack, budgets=(5, 10)),
+        )
+    return cfg

@@ -1,0 +1,1 @@
+"""Robustness audit: attack suites and the worst-case verdict (pure), Ray Tune driver (lazy)."""

@@ -1,0 +1,146 @@
+"""The model directory format: `model.safetensors` + `model.json` (the card) + `metrics.json`.
+
+Weights are never pickled. `model.json` records everything needed to rebuild the module and
+reproduce the input preprocessing, plus the sha256 of the weights file; `load_model` refuses a
+directory whose weights do not match that hash. Directories are written atomically: into a
+temporary sibling, renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sophon_ray.errors import UserError
+
+FORMAT = "sophon-ray/model@1"
+WEIGHTS, CARD, METRICS = "model.safetensors", "model.json", "metrics.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to `path` via a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a completed directory `tmp` to `out`, replacing any previous `out`."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_dir(out: str | Path, model: torch.nn.Module, card: dict[str, Any], metrics: dict[str, Any]) -> Path:
+    """Write a model directory atomically.
+
+    Args:
+        out: destination directory (replaced if present).
+        model: the module whose state_dict is saved (parameters and buffers).
+        card: the model.json fields except "format" and "sha256", which are filled in here.
+        metrics: the run's final measured metrics.
+    Returns:
+        The directory path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    full = {"format": FORMAT, **card, "sha256": sha256_file(tmp / WEIGHTS)}
+    (tmp / CARD).write_text(json.dumps(full, indent=2) + "\n")
+    (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    replace_dir(tmp, out)
+    return out
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """Read and validate `model.json` of a model directory (weights not checked here)."""
+    d = Path(path)
+    if not (d / CARD).is_file() or not (d / WEIGHTS).is_file():
+        raise UserError(f"{d} is not a sophon-ray model directory (needs {CARD} and {WEIGHTS}); pass a directory written by pretrain/protect")
+    try:
+        card = json.loads((d / CARD).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{d / CARD} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-create the model directory") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise UserError(f"{d / CARD} is not a {FORMAT} card; re-create the model directory with this version")
+    for key in ("kind", "arch", "input", "sha256"):
+        if key not in card:
+            raise UserError(f"{d / CARD} lacks the field {key!r}; re-create the model directory")
+    return card
+
+
+def load_state(path: str | Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Load the safetensors weights after verifying their sha256 against the card."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = Path(path) / WEIGHTS
+    if sha256_file(weights) != card["sha256"]:
+        raise UserError(
+            f"{weights} does not match the sha256 in {CARD}: the weights were altered or corrupted; "
+            "re-download or re-create the model"
+        )
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights} cannot be read as safetensors ({e}); re-create the model") from None
+
+
+def load_model(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a model directory (or an MLflow `models:/` / `runs:/` URI) as (module, card).
+
+    The sha256 of the weights is checked against the card and a mismatch is refused.
+    """
+    src = str(source)
+    if src.startswith(("models:/", "runs:/")):
+        from sophon_ray.tracking import download_model  # lazy: the only mlflow importer
+
+        src = str(download_model(src))
+    card = read_card(src)
+    state = load_state(src, card)
+    module = build_from_card(card)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"weights in {src} do not fit arch {card['arch']['name']} (missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]}); re-create the model"
+        )
+    module.eval()
+    return module, card
+
+
+def build_from_card(card: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the (untrained) module a card describes."""
+    from sophon_ray.config import ArchSpec
+    from sophon_ray.models import build_classifier, build_diffusion
+
+    arch = ArchSpec(name=card["arch"]["name"], kwargs=dict(card["arch"].get("kwargs", {})))
+    inp = card["input"]
+    if card["kind"] == "classifier":
+        return build_classifier(arch, int(card["num_classes"]), int(inp["channels"]), int(inp["size"]))
+    if card["kind"] == "diffusion":
+        return build_diffusion(arch, int(inp["channels"]), int(inp["size"]))[0]
+    raise UserError(f"unknown model kind {card['kind']!r} in the card; expected classifier or diffusion")

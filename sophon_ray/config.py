@@ -1,0 +1,213 @@
+"""Typed, frozen configuration and `key.path=value` overrides.
+
+Every pipeline is a Python file in `pipelines/` with `get_config(smoke=False)` returning a
+`PipelineConfig`. Users change any field from the command line with `--set key.path=value`
+(e.g. `--set protect.iterations=50 --set protect.env.optimizers=["adam"]`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sophon_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw uint8 images become model inputs: resize to `size`, scale to [0, 1], normalise."""
+
+    channels: int = 1
+    size: int = 16
+    resize: str = "bilinear"  # "bilinear" | "nearest"
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """A labelled image domain by source name; `classes` selects raw labels and relabels them 0..n-1."""
+
+    source: str = "digits"  # digits | synthetic | cifar10 | cifar100 | mnist | svhn | stl10 | imagefolder | parquet
+    classes: tuple[int, ...] | None = None
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str = "cnn-small"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EnvSpace:
+    """The distribution of simulated fine-tuning environments for FTS.
+
+    Each FTS step draws `protect.envs_per_step` environments: an inner optimizer uniformly from
+    `optimizers`, a learning rate log-uniformly from `lr[optimizer]`, a support batch size from
+    `batch_sizes`, and head re-initialisation with probability `reinit_head_prob`.
+    """
+
+    optimizers: tuple[str, ...] = ("sgd", "momentum", "adam")
+    lr: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"sgd": (1e-3, 1e-1), "momentum": (1e-4, 3e-2), "adam": (1e-4, 1e-2)}
+    )
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    reinit_head_prob: float = 0.5
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    iterations: int = 200  # T outer iterations
+    ml_loop: int = 1  # FTS steps per outer iteration
+    nl_loop: int = 1  # NTR steps per outer iteration
+    envs_per_step: int = 2  # E environments per FTS step
+    inner_steps: int = 10  # K simulated fine-tuning steps per environment
+    order: str = "first"  # "first" | "second"
+    loss: str = "ice-neg"  # classification: ice-neg | ice-comp | klu; diffusion: mse-ascent | dos
+    query_batch: int = 64
+    ntr_batch: int = 64
+    alpha: float = 3e-4  # FTS (meta) Adam learning rate
+    beta: float = 3e-4  # NTR Adam learning rate
+    clip: float = 0.5  # total gradient-norm clip for both phases (0 disables)
+    guard_margin: float = 0.03  # allowed drop of original test accuracy below the source model
+    guard_every: int = 10  # evaluate the guard every N outer iterations
+    guard_backoff: float = 0.5  # on rollback, multiply the FTS learning rate by this
+    seed: int = 0
+    env: EnvSpace = field(default_factory=EnvSpace)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One real fine-tuning attack."""
+
+    strategy: str = "initFC-all"  # direct-all | direct-FC | initFC-all | initFC-FC
+    optimizer: str = "adam"  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad | adadelta
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine | warmup
+    warmup_steps: int = 20
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    budgets: tuple[int, ...] = (25, 50, 100, 200, 400)
+    eval_batch: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    description: str
+    kind: str = "classifier"  # "classifier" | "diffusion"
+    input: InputSpec = field(default_factory=InputSpec)
+    original: DomainSpec = field(default_factory=DomainSpec)
+    restricted: tuple[DomainSpec, ...] = (DomainSpec(),)
+    arch: ArchSpec = field(default_factory=ArchSpec)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-able dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists stay values), for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(cfg: Any, n: int = 8) -> str:
+    """Short stable hash of a config, for deterministic run names."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        return text
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"--set {key}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(value, bool) and isinstance(value, int):
+        return value
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if current is None or isinstance(value, type(current)):
+        return value
+    if isinstance(current, tuple) and not isinstance(value, (list, tuple)):
+        return (value,)
+    raise UserError(f"--set {key}: expected a {type(current).__name__}, got {value!r}")
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
+    head, rest = parts[0], parts[1:]
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if head not in names:
+            raise UserError(f"--set {full}: unknown key {head!r}; valid keys here: {', '.join(names)}")
+        cur = getattr(obj, head)
+        new = _replace_path(cur, rest, value, full) if rest else _coerce(value, cur, full)
+        return dataclasses.replace(obj, **{head: new})
+    if isinstance(obj, dict):
+        if not rest:
+            return {**obj, head: value}
+        if head not in obj:
+            raise UserError(f"--set {full}: unknown key {head!r}; valid keys here: {', '.join(obj)}")
+        return {**obj, head: _replace_path(obj[head], rest, value, full)}
+    if isinstance(obj, tuple) and head.isdigit() and int(head) < len(obj):
+        i = int(head)
+        item = _replace_path(obj[i], rest, value, full) if rest else value
+        return obj[:i] + (item,) + obj[i + 1 :]
+    raise UserError(f"--set {full}: {head!r} cannot be set on a {type(obj).__name__}")
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Apply `key.path=value` overrides to a frozen config, validating every key and type."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key.path=value")
+        key, text = item.split("=", 1)
+        cfg = _replace_path(cfg, key.strip().split("."), _parse_value(text.strip()), key.strip())
+    return cfg

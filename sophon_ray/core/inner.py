@@ -1,0 +1,316 @@
+"""Fine-tuning simulation as pure functions over parameter dicts.
+
+The inner loop never mutates the module: it runs `torch.func.functional_call` on a dict of
+(fast) parameters plus *copies* of the module's buffers, so BatchNorm running statistics of
+the real model are untouched by FTS (snapshot by construction; nothing to restore).
+
+Two meta-gradients:
+- `first_order_meta_grad`: dθ_k/dθ = I, so the meta-gradient is the mean over k of the query
+  gradient at θ_k. The fast weights are one private working copy updated in place and the
+  query gradients are accumulated step by step: memory O(1) in K.
+- `second_order_meta_grad`: differentiates through the K inner updates (create_graph=True);
+  memory O(K). Use for small models or few steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch.func import functional_call
+
+from sophon_ray.errors import UserError
+
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One simulated fine-tuning recipe (what an attacker might run)."""
+
+    optimizer: str  # sgd | momentum | adam
+    lr: float
+    batch_size: int
+    steps: int
+    reinit_head: bool
+
+
+class Objective(Protocol):
+    """What the inner loop optimises and what FTS suppresses, for one model kind.
+
+    `fit` is the attacker's fine-tuning loss on a support batch; `suppress` returns the
+    suppression loss on a query batch and a detached quality metric of the fine-tuned weights
+    (accuracy for classification, MSE for diffusion). Both take `state` = params + buffers.
+    """
+
+    def fit(self, model: torch.nn.Module, state: Params, batch: Batch) -> torch.Tensor: ...
+
+    def suppress(self, model: torch.nn.Module, state: Params, batch: Batch) -> tuple[torch.Tensor, float]: ...
+
+
+# ----------------------------------------------------------------------------------------
+# Functional inner optimizers. `step(params, grads, state)` returns new params and state
+# (out of place, differentiable); `step_(params, grads, state)` updates lists in place with
+# foreach kernels (the fast first-order path). Both follow torch.optim's formulas exactly.
+# ----------------------------------------------------------------------------------------
+
+
+class SGD:
+    def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False):
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+
+    def init(self, params: list[torch.Tensor]) -> dict[str, Any]:
+        return {"buf": None}
+
+    def _direction(self, grads, state, inplace: bool):
+        if self.momentum == 0.0:
+            return grads
+        m = self.momentum
+        if state["buf"] is None:
+            buf = [g.detach().clone() if inplace else g for g in grads]
+        elif inplace:
+            buf = state["buf"]
+            torch._foreach_mul_(buf, m)
+            torch._foreach_add_(buf, grads)
+        else:
+            buf = [m * b + g for b, g in zip(state["buf"], grads)]
+        state = {"buf": buf}
+        if self.nesterov:
+            return [g + m * b for g, b in zip(grads, buf)] if not inplace else torch._foreach_add(grads, buf, alpha=m), state
+        return buf, state
+
+    def step(self, params, grads, state):
+        if self.momentum == 0.0:
+            return [p - self.lr * g for p, g in zip(params, grads)], state
+        d, state = self._direction(grads, state, inplace=False)
+        return [p - self.lr * x for p, x in zip(params, d)], state
+
+    def step_(self, params, grads, state):
+        if self.momentum == 0.0:
+            torch._foreach_add_(params, grads, alpha=-self.lr)
+            return state
+        d, state = self._direction(grads, state, inplace=True)
+        torch._foreach_add_(params, d, alpha=-self.lr)
+        return state
+
+
+class Adam:
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+
+    def init(self, params: list[torch.Tensor]) -> dict[str, Any]:
+        return {"t": 0, "m": [torch.zeros_like(p) for p in params], "v": [torch.zeros_like(p) for p in params]}
+
+    def _scalars(self, t: int) -> tuple[float, float]:
+        b1, b2 = self.betas
+        return self.lr / (1 - b1**t), math.sqrt(1 - b2**t)
+
+    def step(self, params, grads, state):
+        b1, b2 = self.betas
+        t = state["t"] + 1
+        m = [b1 * a + (1 - b1) * g for a, g in zip(state["m"], grads)]
+        v = [b2 * a + (1 - b2) * g * g for a, g in zip(state["v"], grads)]
+        step_size, bc2 = self._scalars(t)
+        # +1e-30 inside sqrt keeps d sqrt/dv finite at v == 0 (second order); no effect on values.
+        new = [p - step_size * a / ((b + 1e-30).sqrt() / bc2 + self.eps) for p, a, b in zip(params, m, v)]
+        return new, {"t": t, "m": m, "v": v}
+
+    def step_(self, params, grads, state):
+        b1, b2 = self.betas
+        state["t"] += 1
+        torch._foreach_lerp_(state["m"], grads, 1 - b1)
+        torch._foreach_mul_(state["v"], b2)
+        torch._foreach_addcmul_(state["v"], grads, grads, value=1 - b2)
+        step_size, bc2 = self._scalars(state["t"])
+        denom = torch._foreach_sqrt(state["v"])
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, state["m"], denom, value=-step_size)
+        return state
+
+
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def make_inner_optimizer(name: str, lr: float) -> SGD | Adam:
+    """Build a functional inner optimizer by name (sgd | momentum | adam)."""
+    if name == "sgd":
+        return SGD(lr)
+    if name == "momentum":
+        return SGD(lr, momentum=0.9)
+    if name == "adam":
+        return Adam(lr)
+    raise UserError(f"unknown inner optimizer {name!r}; use one of: {', '.join(INNER_OPTIMIZERS)} (protect.env.optimizers=...)")
+
+
+def sample_environments(
+    n: int,
+    steps: int,
+    optimizers: tuple[str, ...],
+    lr: dict[str, tuple[float, float]],
+    batch_sizes: tuple[int, ...],
+    reinit_head_prob: float,
+    rng: random.Random,
+) -> list[Environment]:
+    """Draw `n` environments: optimizer uniform, lr log-uniform in its range, batch size uniform."""
+    envs = []
+    for _ in range(n):
+        opt = rng.choice(optimizers)
+        lo, hi = lr[opt]
+        envs.append(
+            Environment(
+                optimizer=opt,
+                lr=math.exp(rng.uniform(math.log(lo), math.log(hi))),
+                batch_size=rng.choice(batch_sizes),
+                steps=steps,
+                reinit_head=rng.random() < reinit_head_prob,
+            )
+        )
+    return envs
+
+
+def validate_env_space(optimizers, lr, batch_sizes, reinit_head_prob) -> None:
+    """Raise UserError for an environment distribution that cannot be sampled."""
+    if not optimizers:
+        raise UserError("protect.env.optimizers is empty; name at least one of sgd, momentum, adam")
+    for o in optimizers:
+        make_inner_optimizer(o, 1.0)
+        if o not in lr or len(lr[o]) != 2 or not 0 < lr[o][0] <= lr[o][1]:
+            raise UserError(f"protect.env.lr.{o} must be a (low, high) range with 0 < low <= high")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UserError("protect.env.batch_sizes must be positive integers")
+    if not 0.0 <= reinit_head_prob <= 1.0:
+        raise UserError("protect.env.reinit_head_prob must be in [0, 1]")
+
+
+def fresh_head(params: Params, head_keys: tuple[str, ...], generator: torch.Generator) -> Params:
+    """New head tensors: Xavier-uniform weights, zero biases (as the reference ICE does)."""
+    out = {}
+    for k in head_keys:
+        p = params[k]
+        if p.dim() >= 2:
+            fan_out, fan_in = p.shape[0], p[0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w = torch.rand(p.shape, generator=generator, dtype=p.dtype) * (2 * bound) - bound
+            out[k] = w.to(p.device)
+        else:
+            out[k] = torch.zeros_like(p)
+    return out
+
+
+def _buffers_copy(model: torch.nn.Module) -> Params:
+    return {k: b.detach().clone() for k, b in model.named_buffers()}
+
+
+def first_order_meta_grad(
+    model: torch.nn.Module,
+    params: Params,
+    env: Environment,
+    support: list[Batch],
+    query: list[Batch],
+    objective: Objective,
+    head_keys: tuple[str, ...] = (),
+    generator: torch.Generator | None = None,
+) -> tuple[Params, dict[str, float]]:
+    """First-order FTS meta-gradient for one environment, accumulated step by step.
+
+    Args:
+        model: the module (used only as a function; its parameters and buffers are not changed).
+        params: θ, the current parameters by name (not modified).
+        env: the simulated fine-tuning recipe; len(support) == len(query) == env.steps.
+        support, query: K restricted batches each.
+        objective: fit / suppress functions for this model kind.
+        head_keys: parameter names of the head, re-initialised when env.reinit_head.
+        generator: seeds the head re-initialisation.
+    Returns:
+        (grads, stats): mean over k of ∇ℓ(θ_k; Q_k) by name (zeros for a re-initialised head,
+        which does not depend on θ), and {"loss": mean suppression loss, "metric": metric at θ_K}.
+    """
+    assert len(support) == len(query) == env.steps
+    names = list(params)
+    fast = {k: v.detach().clone() for k, v in params.items()}
+    if env.reinit_head:
+        fast.update(fresh_head(params, head_keys, generator or torch.Generator().manual_seed(0)))
+    fast_list = [fast[k].requires_grad_(True) for k in names]
+    state = {**fast, **_buffers_copy(model)}
+    opt = make_inner_optimizer(env.optimizer, env.lr)
+    opt_state = opt.init(fast_list)
+    meta: list[torch.Tensor] | None = None
+    total, metric = 0.0, float("nan")
+    for s_batch, q_batch in zip(support, query):
+        g = torch.autograd.grad(objective.fit(model, state, s_batch), fast_list)
+        with torch.no_grad():
+            opt_state = opt.step_(fast_list, list(g), opt_state)
+        q_loss, metric = objective.suppress(model, state, q_batch)
+        gq = torch.autograd.grad(q_loss, fast_list)
+        total += float(q_loss.detach())
+        with torch.no_grad():
+            if meta is None:
+                meta = list(gq)
+            else:
+                torch._foreach_add_(meta, gq)
+    assert meta is not None
+    torch._foreach_div_(meta, float(env.steps))
+    grads = dict(zip(names, meta))
+    if env.reinit_head:
+        for k in head_keys:
+            grads[k] = torch.zeros_like(grads[k])
+    return grads, {"loss": total / env.steps, "metric": metric}
+
+
+def second_order_meta_grad(
+    model: torch.nn.Module,
+    params: Params,
+    env: Environment,
+    support: list[Batch],
+    query: list[Batch],
+    objective: Objective,
+    head_keys: tuple[str, ...] = (),
+    generator: torch.Generator | None = None,
+) -> tuple[Params, dict[str, float]]:
+    """Exact FTS meta-gradient, differentiating through the K inner updates (memory O(K)).
+
+    Same arguments and returns as `first_order_meta_grad`.
+    """
+    assert len(support) == len(query) == env.steps
+    names = list(params)
+    theta = [params[k].detach().requires_grad_(True) for k in names]
+    fast = dict(zip(names, theta))
+    if env.reinit_head:
+        fast.update(fresh_head(params, head_keys, generator or torch.Generator().manual_seed(0)))
+    fast_list = [fast[k] for k in names]
+    if any(not t.requires_grad for t in fast_list):
+        fast_list = [t if t.requires_grad else t.requires_grad_(True) for t in fast_list]
+    buffers = _buffers_copy(model)
+    opt = make_inner_optimizer(env.optimizer, env.lr)
+    opt_state = opt.init(fast_list)
+    objective_sum = 0.0
+    metric = float("nan")
+    for s_batch, q_batch in zip(support, query):
+        state = {**dict(zip(names, fast_list)), **buffers}
+        g = torch.autograd.grad(objective.fit(model, state, s_batch), fast_list, create_graph=True)
+        fast_list, opt_state = opt.step(fast_list, list(g), opt_state)
+        q_loss, metric = objective.suppress(model, {**dict(zip(names, fast_list)), **buffers}, q_batch)
+        objective_sum = objective_sum + q_loss
+    objective_mean = objective_sum / env.steps
+    meta = torch.autograd.grad(objective_mean, theta, allow_unused=True)
+    grads = {k: (torch.zeros_like(t) if g is None else g) for k, t, g in zip(names, theta, meta)}
+    return grads, {"loss": float(objective_mean.detach()), "metric": metric}
+
+
+def meta_grad_fn(order: str) -> Callable[..., tuple[Params, dict[str, float]]]:
+    """`first_order_meta_grad` or `second_order_meta_grad` by name ("first" | "second")."""
+    if order == "first":
+        return first_order_meta_grad
+    if order == "second":
+        return second_order_meta_grad
+    raise UserError(f"unknown meta-gradient order {order!r}; use protect.order=first or protect.order=second")
+
+
+def call(model: torch.nn.Module, state: Params, *args: Any) -> Any:
+    """`functional_call` of `model` with `state` (params + buffers)."""
+    return functional_call(model, state, args)

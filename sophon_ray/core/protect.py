@@ -1,0 +1,245 @@
+"""SOPHON protection: one FTS step, one NTR step, the guard, one outer iteration.
+
+`Protection` holds the state of one run (the module, two Adam optimizers, the guard's last good
+snapshot, the iteration counter) and is driven by a plain loop. All randomness is derived from
+(seed, iteration, environment index), so every worker of a distributed run draws the same
+environments and batches; worker `rank` of `world` simulates environments rank, rank+world, ...
+and its share of each NTR batch, and `allreduce` (sum over workers, identity locally) combines
+gradients before every optimizer step. The same code path runs in-process and on Ray Train.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from sophon_ray.config import ProtectConfig
+from sophon_ray.core.inner import Batch, Params, meta_grad_fn, sample_environments, validate_env_space
+from sophon_ray.core.objectives import ClassificationObjective
+
+AllReduce = Callable[[list[torch.Tensor]], None]
+QUERY_FRACTION = 0.25  # share of the restricted training set held out for FTS query batches
+
+
+def _no_reduce(tensors: list[torch.Tensor]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ProtectData:
+    """Preprocessed tensors the protection needs: original train (NTR), restricted train (FTS)."""
+
+    original: tuple[torch.Tensor, torch.Tensor]
+    restricted: tuple[torch.Tensor, ...]
+
+    def split_restricted(self, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Disjoint (support pool, query pool) of the restricted training set, fixed by `seed`."""
+        n = len(self.restricted[0])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        n_q = max(1, int(n * QUERY_FRACTION))
+        q, s = perm[:n_q], perm[n_q:]
+        return tuple(t[s] for t in self.restricted), tuple(t[q] for t in self.restricted)
+
+
+def _draw(pool: tuple[torch.Tensor, ...], n: int, g: torch.Generator) -> Batch:
+    idx = torch.randint(len(pool[0]), (n,), generator=g)
+    return tuple(t[idx] for t in pool)
+
+
+def _seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+@dataclass
+class GuardState:
+    """The guard's memory: the last weights that passed, and the current FTS lr scale."""
+
+    best: dict | None = None
+    lr_scale: float = 1.0
+    rollbacks: int = 0
+    last_value: float = float("nan")
+
+
+class Protection:
+    """One SOPHON protection run over `model` (modified in place).
+
+    Args:
+        model: the source model (its weights are the starting point θ_0).
+        cfg: protection hyper-parameters.
+        data: original and restricted training tensors.
+        objective: fit/suppress/train_loss for the model kind.
+        evaluate_original: returns the original-domain test metric of `model` (for the guard).
+        source_value: that metric for the unprotected source model.
+        higher_is_better: True for accuracy (guard: value >= source - margin), False for MSE
+            (guard: value <= source * (1 + margin)).
+        head_keys: head parameter names (re-initialised in environments that ask for it).
+        make_batch: turns a drawn restricted/original batch into an objective batch (e.g. adds
+            noise and timesteps for diffusion); identity for classification.
+        rank, world, allreduce: distributed sharding; defaults are the in-process run.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: ProtectConfig,
+        data: ProtectData,
+        objective: ClassificationObjective,
+        evaluate_original: Callable[[], float],
+        source_value: float,
+        higher_is_better: bool = True,
+        head_keys: tuple[str, ...] = (),
+        make_batch: Callable[[Batch, torch.Generator], Batch] | None = None,
+        rank: int = 0,
+        world: int = 1,
+        allreduce: AllReduce | None = None,
+    ):
+        validate_env_space(cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes, cfg.env.reinit_head_prob)
+        self.model, self.cfg, self.objective = model, cfg, objective
+        self.support, self.query = data.split_restricted(cfg.seed)
+        self.original = data.original
+        self.evaluate_original, self.source_value = evaluate_original, source_value
+        self.higher_is_better, self.head_keys = higher_is_better, head_keys
+        self.make_batch = make_batch or (lambda b, g: b)
+        self.rank, self.world, self.allreduce = rank, world, allreduce or _no_reduce
+        params = list(model.parameters())
+        self.fts_opt = torch.optim.Adam(params, lr=cfg.alpha)
+        self.ntr_opt = torch.optim.Adam(params, lr=cfg.beta)
+        self.meta_grad = meta_grad_fn(cfg.order)
+        self.guard = GuardState()
+        self.iteration = 0
+
+    # -- phases --------------------------------------------------------------------------
+
+    def fts_step(self, sub: int = 0) -> dict[str, float]:
+        """One Fine-Tuning Suppression step: E environments, averaged meta-gradients, one update."""
+        cfg, it = self.cfg, self.iteration
+        rng = random.Random(_seed(cfg.seed, it, sub, 1))
+        envs = sample_environments(
+            cfg.envs_per_step, cfg.inner_steps, cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes,
+            cfg.env.reinit_head_prob, rng,
+        )
+        self.model.train()
+        params: Params = dict(self.model.named_parameters())
+        total: list[torch.Tensor] = [torch.zeros_like(p) for p in params.values()]
+        stats = torch.zeros(3)  # (sum loss, sum metric, count) over this worker's environments
+        for e in range(self.rank, len(envs), self.world):
+            env = envs[e]
+            g = torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e))
+            sup = [self.make_batch(_draw(self.support, env.batch_size, g), g) for _ in range(env.steps)]
+            qry = [self.make_batch(_draw(self.query, cfg.query_batch, g), g) for _ in range(env.steps)]
+            grads, st = self.meta_grad(self.model, params, env, sup, qry, self.objective, self.head_keys, g)
+            torch._foreach_add_(total, list(grads.values()))
+            stats += torch.tensor([st["loss"], st["metric"], 1.0])
+        torch._foreach_div_(total, float(len(envs)))
+        self.allreduce(total + [stats])
+        self._apply(self.fts_opt, total)
+        n = max(float(stats[2]), 1.0)
+        return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n}
+
+    def ntr_step(self, sub: int = 0) -> dict[str, float]:
+        """One Normal Training Reinforcement step on an original-domain batch (data parallel)."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(_seed(cfg.seed, self.iteration, sub, 3))
+        batch = self.make_batch(_draw(self.original, cfg.ntr_batch, g), g)
+        mine = tuple(t[self.rank :: self.world] for t in batch)
+        self.model.train()
+        loss = self.objective.train_loss(self.model, mine) * (len(mine[0]) / cfg.ntr_batch)
+        grads = torch.autograd.grad(loss, list(self.model.parameters()), allow_unused=True)
+        grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(self.model.parameters(), grads)]
+        stat = torch.tensor([float(loss.detach())])
+        self.allreduce(grads + [stat])
+        self._apply(self.ntr_opt, grads)
+        return {"ntr_loss": float(stat[0])}
+
+    def _apply(self, opt: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
+        params = list(self.model.parameters())
+        for p, g in zip(params, grads):
+            p.grad = g
+        if self.cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        opt.step()
+        for p in params:
+            p.grad = None
+
+    # -- guard ---------------------------------------------------------------------------
+
+    def _ok(self, value: float) -> bool:
+        if self.higher_is_better:
+            return value >= self.source_value - self.cfg.guard_margin
+        return value <= self.source_value * (1.0 + self.cfg.guard_margin)
+
+    def check_guard(self) -> dict[str, float]:
+        """Evaluate the original domain; keep a snapshot if it passes, else roll back and back off."""
+        value = self.evaluate_original()
+        self.guard.last_value = value
+        if self._ok(value):
+            self.guard.best = {
+                "model": copy.deepcopy(self.model.state_dict()),
+                "fts": copy.deepcopy(self.fts_opt.state_dict()),
+                "ntr": copy.deepcopy(self.ntr_opt.state_dict()),
+            }
+            return {"orig_metric": value, "guard_rollback": 0.0}
+        if self.guard.best is not None:
+            self.model.load_state_dict(self.guard.best["model"])
+            self.fts_opt.load_state_dict(self.guard.best["fts"])
+            self.ntr_opt.load_state_dict(self.guard.best["ntr"])
+        self.guard.rollbacks += 1
+        self.guard.lr_scale *= self.cfg.guard_backoff
+        for group in self.fts_opt.param_groups:
+            group["lr"] = self.cfg.alpha * self.guard.lr_scale
+        return {"orig_metric": value, "guard_rollback": 1.0}
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One outer iteration: `ml_loop` FTS steps then `nl_loop` NTR steps (+ guard every N)."""
+        if self.iteration == 0 and self.guard.best is None:
+            self.check_guard()  # snapshot θ_0 so the first rollback has somewhere to go
+        metrics: dict[str, float] = {}
+        for sub in range(self.cfg.ml_loop):
+            metrics.update(self.fts_step(sub))
+        for sub in range(self.cfg.nl_loop):
+            metrics.update(self.ntr_step(sub))
+        self.iteration += 1
+        if self.iteration % self.cfg.guard_every == 0 or self.iteration == self.cfg.iterations:
+            metrics.update(self.check_guard())
+        metrics["fts_lr"] = self.cfg.alpha * self.guard.lr_scale
+        return metrics
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: weights, both optimizers, guard, iteration counter."""
+        return {
+            "model": self.model.state_dict(),
+            "fts": self.fts_opt.state_dict(),
+            "ntr": self.ntr_opt.state_dict(),
+            "guard": {"lr_scale": self.guard.lr_scale, "rollbacks": self.guard.rollbacks, "best": self.guard.best},
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.fts_opt.load_state_dict(state["fts"])
+        self.ntr_opt.load_state_dict(state["ntr"])
+        g = state["guard"]
+        self.guard = GuardState(best=g["best"], lr_scale=g["lr_scale"], rollbacks=g["rollbacks"])
+        for group in self.fts_opt.param_groups:
+            group["lr"] = self.cfg.alpha * self.guard.lr_scale
+        self.iteration = state["iteration"]
+
+
+def run(protection: Protection, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Protection:
+    """Drive `protection` to `cfg.iterations`; ends on the guard's last passing weights."""
+    while protection.iteration < protection.cfg.iterations:
+        m = protection.step()
+        if on_step:
+            on_step(protection.iteration, m)
+    if protection.guard.best is not None and not protection._ok(protection.guard.last_value):
+        protection.model.load_state_dict(protection.guard.best["model"])
+    return protection
