@@ -62,7 +62,8 @@ class EnvSpace:
 
     Each FTS step draws `protect.envs_per_step` environments: an inner optimizer uniformly from
     `optimizers`, a learning rate log-uniformly from `lr[optimizer]`, a support batch size from
-    `batch_sizes`, and head re-initialisation with probability `reinit_head_prob`.
+    `batch_sizes`, head re-initialisation with probability `reinit_head_prob`, and head-only
+    (linear-probe) fine-tuning with probability `head_only_prob`.
     """
 
     optimizers: tuple[str, ...] = ("sgd", "momentum", "adam")
@@ -71,6 +72,7 @@ class EnvSpace:
     )
     batch_sizes: tuple[int, ...] = (16, 32, 64)
     reinit_head_prob: float = 0.5
+    head_only_prob: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,9 @@ def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, so
 def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print) -> Path:
     """Run SOPHON in-process on `source` and write the protected model directory."""
     from sophon_ray.core import accuracy, run
+    from sophon_ray.core.protect import validate_config
 
+    validate_config(cfg.protect, cfg.kind)
     t = load_tensors(cfg)
     model, src_card = load_for(cfg, source, t)
     source_acc = accuracy(model, *t.original_test, batch_size=eval_batch(cfg))

@@ -37,6 +37,7 @@ class Environment:
     batch_size: int
     steps: int
     reinit_head: bool
+    head_only: bool = False  # a linear-probe attacker: only the head is fine-tuned
 
 
 class Objective(Protocol):
@@ -155,8 +156,10 @@ def sample_environments(
     batch_sizes: tuple[int, ...],
     reinit_head_prob: float,
     rng: random.Random,
+    head_only_prob: float = 0.0,
 ) -> list[Environment]:
-    """Draw `n` environments: optimizer uniform, lr log-uniform in its range, batch size uniform."""
+    """Draw `n` environments: optimizer uniform, lr log-uniform in its range, batch size uniform,
+    head re-initialisation and head-only (linear probe) training with the given probabilities."""
     envs = []
     for _ in range(n):
         opt = rng.choice(optimizers)
@@ -168,12 +171,13 @@ def sample_environments(
                 batch_size=rng.choice(batch_sizes),
                 steps=steps,
                 reinit_head=rng.random() < reinit_head_prob,
+                head_only=rng.random() < head_only_prob,
             )
         )
     return envs
 
 
-def validate_env_space(optimizers, lr, batch_sizes, reinit_head_prob) -> None:
+def validate_env_space(optimizers, lr, batch_sizes, reinit_head_prob, head_only_prob=0.0) -> None:
     """Raise UserError for an environment distribution that cannot be sampled."""
     if not optimizers:
         raise UserError("protect.env.optimizers is empty; name at least one of sgd, momentum, adam")
@@ -183,8 +187,8 @@ def validate_env_space(optimizers, lr, batch_sizes, reinit_head_prob) -> None:
             raise UserError(f"protect.env.lr.{o} must be a (low, high) range with 0 < low <= high")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UserError("protect.env.batch_sizes must be positive integers")
-    if not 0.0 <= reinit_head_prob <= 1.0:
-        raise UserError("protect.env.reinit_head_prob must be in [0, 1]")
+    if not 0.0 <= reinit_head_prob <= 1.0 or not 0.0 <= head_only_prob <= 1.0:
+        raise UserError("protect.env.reinit_head_prob and protect.env.head_only_prob must be in [0, 1]")
 
 
 def fresh_head(params: Params, head_keys: tuple[str, ...], generator: torch.Generator) -> Params:
@@ -200,6 +204,14 @@ def fresh_head(params: Params, head_keys: tuple[str, ...], generator: torch.Gene
         else:
             out[k] = torch.zeros_like(p)
     return out
+
+
+def _trained(names: list[str], env: Environment, head_keys: tuple[str, ...]) -> list[str]:
+    if not env.head_only:
+        return names
+    if not head_keys:
+        raise UserError("a head-only environment needs the model's head parameter names")
+    return [k for k in names if k in head_keys]
 
 
 def _buffers_copy(model: torch.nn.Module) -> Params:
@@ -236,15 +248,16 @@ def first_order_meta_grad(
     if env.reinit_head:
         fast.update(fresh_head(params, head_keys, generator or torch.Generator().manual_seed(0)))
     fast_list = [fast[k].requires_grad_(True) for k in names]
+    trained = [fast[k] for k in _trained(names, env, head_keys)]
     state = {**fast, **_buffers_copy(model)}
     opt = make_inner_optimizer(env.optimizer, env.lr)
-    opt_state = opt.init(fast_list)
+    opt_state = opt.init(trained)
     meta: list[torch.Tensor] | None = None
     total, metric = 0.0, float("nan")
     for s_batch, q_batch in zip(support, query):
-        g = torch.autograd.grad(objective.fit(model, state, s_batch), fast_list)
+        g = torch.autograd.grad(objective.fit(model, state, s_batch), trained)
         with torch.no_grad():
-            opt_state = opt.step_(fast_list, list(g), opt_state)
+            opt_state = opt.step_(trained, list(g), opt_state)
         q_loss, metric = objective.suppress(model, state, q_batch)
         gq = torch.autograd.grad(q_loss, fast_list)
         total += float(q_loss.detach())
@@ -286,15 +299,18 @@ def second_order_meta_grad(
     if any(not t.requires_grad for t in fast_list):
         fast_list = [t if t.requires_grad else t.requires_grad_(True) for t in fast_list]
     buffers = _buffers_copy(model)
+    fast = dict(zip(names, fast_list))
+    keys = _trained(names, env, head_keys)
     opt = make_inner_optimizer(env.optimizer, env.lr)
-    opt_state = opt.init(fast_list)
+    opt_state = opt.init([fast[k] for k in keys])
     objective_sum = 0.0
     metric = float("nan")
     for s_batch, q_batch in zip(support, query):
-        state = {**dict(zip(names, fast_list)), **buffers}
-        g = torch.autograd.grad(objective.fit(model, state, s_batch), fast_list, create_graph=True)
-        fast_list, opt_state = opt.step(fast_list, list(g), opt_state)
-        q_loss, metric = objective.suppress(model, {**dict(zip(names, fast_list)), **buffers}, q_batch)
+        trained = [fast[k] for k in keys]
+        g = torch.autograd.grad(objective.fit(model, {**fast, **buffers}, s_batch), trained, create_graph=True)
+        new, opt_state = opt.step(trained, list(g), opt_state)
+        fast = {**fast, **dict(zip(keys, new))}
+        q_loss, metric = objective.suppress(model, {**fast, **buffers}, q_batch)
         objective_sum = objective_sum + q_loss
     objective_mean = objective_sum / env.steps
     meta = torch.autograd.grad(objective_mean, theta, allow_unused=True)

@@ -20,9 +20,35 @@ import torch
 from sophon_ray.config import ProtectConfig
 from sophon_ray.core.inner import Batch, Params, meta_grad_fn, sample_environments, validate_env_space
 from sophon_ray.core.objectives import ClassificationObjective
+from sophon_ray.errors import UserError
 
 AllReduce = Callable[[list[torch.Tensor]], None]
 QUERY_FRACTION = 0.25  # share of the restricted training set held out for FTS query batches
+
+
+def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
+    """Raise UserError naming the field for an impossible protection config (and loss, given `kind`)."""
+    from sophon_ray.core.losses import get_loss
+
+    checks = [
+        (cfg.iterations >= 1, "protect.iterations must be >= 1"),
+        (cfg.ml_loop >= 0 and cfg.nl_loop >= 0 and cfg.ml_loop + cfg.nl_loop >= 1, "protect.ml_loop/nl_loop must be >= 0, not both 0"),
+        (cfg.envs_per_step >= 1, "protect.envs_per_step must be >= 1"),
+        (cfg.inner_steps >= 1, "protect.inner_steps must be >= 1"),
+        (cfg.query_batch >= 1 and cfg.ntr_batch >= 1, "protect.query_batch and protect.ntr_batch must be >= 1"),
+        (cfg.alpha > 0 and cfg.beta > 0, "protect.alpha and protect.beta must be > 0"),
+        (cfg.clip >= 0, "protect.clip must be >= 0 (0 disables clipping)"),
+        (cfg.guard_every >= 1, "protect.guard_every must be >= 1"),
+        (0 < cfg.guard_backoff <= 1, "protect.guard_backoff must be in (0, 1]"),
+        (cfg.guard_margin >= 0, "protect.guard_margin must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    meta_grad_fn(cfg.order)
+    if kind is not None:
+        get_loss(cfg.loss, kind)
+    validate_env_space(cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes, cfg.env.reinit_head_prob, cfg.env.head_only_prob)
 
 
 def _no_reduce(tensors: list[torch.Tensor]) -> None:
@@ -100,7 +126,7 @@ class Protection:
         world: int = 1,
         allreduce: AllReduce | None = None,
     ):
-        validate_env_space(cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes, cfg.env.reinit_head_prob)
+        validate_config(cfg)
         self.model, self.cfg, self.objective = model, cfg, objective
         self.support, self.query = data.split_restricted(cfg.seed)
         self.original = data.original
@@ -123,7 +149,7 @@ class Protection:
         rng = random.Random(_seed(cfg.seed, it, sub, 1))
         envs = sample_environments(
             cfg.envs_per_step, cfg.inner_steps, cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes,
-            cfg.env.reinit_head_prob, rng,
+            cfg.env.reinit_head_prob, rng, cfg.env.head_only_prob,
         )
         self.model.train()
         params: Params = dict(self.model.named_parameters())
