@@ -25,8 +25,8 @@ def get_config(smoke: bool = False) -> PipelineConfig:
         restricted=(DomainSpec(source="digits", classes=(5, 6, 7, 8, 9)),),
         arch=ArchSpec(name="cnn-small"),
         pretrain=PretrainConfig(steps=600, batch_size=64, lr=2e-3),
-        protect=ProtectConfig(iterations=300, envs_per_step=2, inner_steps=10),
-        attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
+        protect=ProtectConfig(iterations=200, envs_per_step=2, inner_steps=10, loss="klu", alpha=1e-3),
+        attack=AttackConfig(budgets=(10, 25, 50, 100, 200, 400)),
     )
     if smoke:
         cfg = dataclasses.replace(

@@ -63,9 +63,18 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from sophon_ray import jobs
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    if args.workers not in (0, None) and not args.local:
-        raise UserError("distributed protection (--workers N) arrives with the Ray Train layer; use --workers 0 for now")
-    out = jobs.protect(cfg, args.source, _out(args, "protected"), log=_log)
+    if args.workers < 0:
+        raise UserError("--workers must be >= 0 (0 = in-process)")
+    if args.workers == 0 or args.local:
+        out = jobs.protect(cfg, args.source, _out(args, "protected"), log=_log)
+    else:
+        from sophon_ray.train.driver import protect_distributed
+
+        out = protect_distributed(
+            cfg, args.source, _out(args, "protected"), workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address, storage_path=args.storage_path,
+            resume=args.resume, verbose=args.verbose, log=_log,
+        )
     print(out)
     return 0
 
@@ -86,6 +95,28 @@ def cmd_attack(args: argparse.Namespace) -> int:
     for b, v in curve.items():
         print(f"{b:6d} steps  restricted accuracy {v:.4f}")
     return 0
+
+
+def _budgets(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise UserError(f"--budgets {text!r}: expected increasing positive integers like 25,50,100") from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from sophon_ray import jobs
+    from sophon_ray.audit.driver import run_audit
+
+    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    result = run_audit(
+        cfg, args.model, out=_out(args, "audit"), suite=args.suite, search=args.search,
+        budgets=_budgets(args.budgets), concurrency=args.concurrency, seeds=args.seeds,
+        epsilon=args.epsilon, ray_address=args.ray_address, log=_log,
+    )
+    return 1 if args.strict and not result["verdict"]["passed"] else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -135,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="source model directory or MLflow URI")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per Ray Train worker")
     p.add_argument("--local", action="store_true", help="in-process (same as --workers 0)")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue a stopped Ray Train run from its last checkpoint")
+    p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     _common(p)
     p.set_defaults(func=cmd_protect)
 
@@ -147,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p)
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("audit", help="robustness audit on Ray Tune: many real attacks vs scratch and original")
+    p.add_argument("pipeline")
+    p.add_argument("--model", required=True, help="protected model directory or MLflow URI")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--suite", default=None, help="named attack suite (default: default-v1)")
+    group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
+    p.add_argument("--budgets", default=None, help="comma-separated increasing step budgets, e.g. 25,50,100,200,400")
+    p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials (default: all CPUs)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for re-running the best recipes at full budget")
+    p.add_argument("--epsilon", type=float, default=0.02, help="allowed attacker advantage over scratch")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the verdict fails")
+    _common(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("run", help="pretrain -> protect -> attack comparison -> summary")
     p.add_argument("pipeline")
@@ -173,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the work ran and failed: say so briefly, exit 1
+        if args.verbose:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"failed: {type(e).__name__}: {first} (run with --verbose for the full traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -83,10 +83,10 @@ class ProtectConfig:
     envs_per_step: int = 2  # E environments per FTS step
     inner_steps: int = 10  # K simulated fine-tuning steps per environment
     order: str = "first"  # "first" | "second"
-    loss: str = "ice-neg"  # classification: ice-neg | ice-comp | klu; diffusion: mse-ascent | dos
+    loss: str = "klu"  # classification: klu | ice-neg (the default ICE form) | ice-comp; diffusion: dos | mse-ascent
     query_batch: int = 64
     ntr_batch: int = 64
-    alpha: float = 3e-4  # FTS (meta) Adam learning rate
+    alpha: float = 1e-3  # FTS (meta) Adam learning rate
     beta: float = 3e-4  # NTR Adam learning rate
     clip: float = 0.5  # total gradient-norm clip for both phases (0 disables)
     guard_margin: float = 0.03  # allowed drop of original test accuracy below the source model

@@ -33,10 +33,64 @@ QUICK_V1: tuple[Recipe, ...] = (
     R("initFC-FC", "sgd", 1e-1, 32),
 )
 
-SUITES: dict[str, tuple[Recipe, ...]] = {"quick-v1": QUICK_V1}
+# 48 recipes, the default of `sophon-ray audit`. First 32: every strategy x every optimizer at a
+# standard learning rate (head-only strategies get the larger lrs a linear probe wants). Then 16
+# variations: lr decades 1e-4 .. 1e-1 (incl. the paper's SGD 1e-4 attack), batch 16/64, weight
+# decay, cosine and warm-up schedules.
+_FULL_LR = {"sgd": 1e-2, "momentum": 1e-2, "nesterov": 1e-2, "adam": 1e-3, "adamw": 1e-3,
+            "rmsprop": 1e-4, "adagrad": 1e-2, "adadelta": 1.0}
+_HEAD_LR = {"sgd": 1e-1, "momentum": 1e-2, "nesterov": 1e-2, "adam": 1e-2, "adamw": 1e-2,
+            "rmsprop": 1e-3, "adagrad": 1e-1, "adadelta": 1.0}
+
+
+def _grid() -> tuple[Recipe, ...]:
+    out = []
+    for strategy in ("direct-all", "direct-FC", "initFC-all", "initFC-FC"):
+        table = _HEAD_LR if strategy.endswith("-FC") else _FULL_LR
+        for opt, lr in table.items():
+            out.append(R(strategy, opt, lr, 32, weight_decay=1e-2 if opt == "adamw" else 0.0))
+    return tuple(out)
+
+
+DEFAULT_V1: tuple[Recipe, ...] = _grid() + (
+    R("direct-all", "sgd", 1e-4, 32),
+    R("direct-all", "sgd", 1e-1, 32, schedule="cosine"),
+    R("direct-all", "adam", 1e-4, 32),
+    R("direct-all", "adam", 1e-2, 32, schedule="warmup"),
+    R("direct-all", "adamw", 3e-4, 64, weight_decay=1e-2, schedule="cosine"),
+    R("direct-all", "momentum", 1e-3, 16),
+    R("direct-FC", "adam", 1e-3, 64, schedule="cosine"),
+    R("initFC-all", "sgd", 1e-1, 32),
+    R("initFC-all", "momentum", 1e-1, 32, schedule="cosine"),
+    R("initFC-all", "adam", 1e-4, 32),
+    R("initFC-all", "adam", 3e-3, 64, schedule="warmup"),
+    R("initFC-all", "rmsprop", 1e-3, 32, schedule="cosine"),
+    R("initFC-all", "adadelta", 1e-1, 16),
+    R("initFC-all", "nesterov", 3e-2, 64, weight_decay=1e-4, schedule="cosine"),
+    R("initFC-all", "adagrad", 1e-1, 32),
+    R("initFC-FC", "adam", 1e-1, 32),
+)
+
+# 4 recipes, one per strategy: for tests and quick demos only.
+TEST_V1: tuple[Recipe, ...] = (
+    R("initFC-all", "adam", 1e-3, 32),
+    R("direct-all", "sgd", 1e-2, 32),
+    R("initFC-FC", "sgd", 1e-1, 32),
+    R("direct-FC", "adam", 1e-2, 32, schedule="cosine"),
+)
+
+DEFAULT_SUITE = "default-v1"
+SUITES: dict[str, tuple[Recipe, ...]] = {"quick-v1": QUICK_V1, "default-v1": DEFAULT_V1, "test-v1": TEST_V1}
 
 
 def get_suite(name: str) -> tuple[Recipe, ...]:
+    """The recipes of a named suite.
+
+    Args:
+        name: a key of `SUITES` (e.g. "default-v1").
+    Returns:
+        The suite's recipes, in their fixed order.
+    """
     if name not in SUITES:
         raise UserError(f"unknown attack suite {name!r}; use one of: {', '.join(SUITES)}")
     return SUITES[name]

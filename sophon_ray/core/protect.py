@@ -182,6 +182,10 @@ class Protection:
         stat = torch.tensor([float(loss.detach())])
         self.allreduce(grads + [stat])
         self._apply(self.ntr_opt, grads)
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        if self.world > 1 and buffers:  # each worker saw its shard: average BN running statistics
+            self.allreduce(buffers)
+            torch._foreach_div_(buffers, float(self.world))
         return {"ntr_loss": float(stat[0])}
 
     def _apply(self, opt: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
@@ -261,11 +265,10 @@ class Protection:
 
 
 def run(protection: Protection, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Protection:
-    """Drive `protection` to `cfg.iterations`; ends on the guard's last passing weights."""
+    """Drive `protection` to `cfg.iterations`. The last iteration always runs the guard, so the
+    run ends on weights that pass it (or on the last snapshot that did)."""
     while protection.iteration < protection.cfg.iterations:
         m = protection.step()
         if on_step:
             on_step(protection.iteration, m)
-    if protection.guard.best is not None and not protection._ok(protection.guard.last_value):
-        protection.model.load_state_dict(protection.guard.best["model"])
     return protection

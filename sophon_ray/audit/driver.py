@@ -1,0 +1,316 @@
+"""Ray Tune driver of the robustness audit: validate, plan, run all trials in one Tuner, verdict.
+
+`run_audit` checks every input before Ray starts and before anything is written, then runs
+one Tuner whose `AuditPlanner` (space.py) hands out the explore trials (a suite or an Optuna
+search, each recipe on every subject) and then the seeded re-runs of the best recipes. It
+writes `<out>/audit.json` (format "sophon-ray/audit@1", atomically, last), `report.html` with
+PNG plots, and keeps Tune's own files under `<out>/.tune/<experiment>`.
+
+Test-only failure injection: `fault_trial="protected-r01-s0"` makes trials whose id contains
+the string fail their first attempt (exercises Tune's retry); `fault_trial=(text, "always")`
+makes them fail every attempt. The env var `SOPHON_RAY_FAULT_TRIAL="text"` or "text:always"
+does the same when `fault_trial` is None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sophon_ray import jobs
+from sophon_ray.audit.suites import DEFAULT_SUITE, get_suite, recipe_label
+from sophon_ray.config import PipelineConfig
+from sophon_ray.errors import UserError
+
+FORMAT = "sophon-ray/audit@1"
+MAX_FAILURES = 2  # retries of a failing trial before it counts as "failed"
+TOP_K = 3  # best recipes per ranking subject re-run with --seeds seeds
+QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+             "RAY_DEDUP_LOGS": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything validated about one audit, before Ray starts."""
+
+    cfg: PipelineConfig
+    model_uri: str
+    model_dir: str
+    sha256: str
+    subjects: dict[str, str | None]
+    mode: str  # suite name or "search<N>"
+    recipes: tuple | None
+    search: int | None
+    seeds: int
+    fault: tuple[str, str] | None
+
+
+def check_budgets(budgets: Any) -> tuple[int, ...]:
+    """Budgets as a tuple of increasing positive integers, or UserError naming the fix."""
+    items = list(budgets or ())
+    ok = items and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in items)
+    if not ok or items != sorted(set(items)):
+        raise UserError(f"--budgets {','.join(map(str, items)) or '(empty)'}: expected increasing positive integers like 25,50,100")
+    return tuple(items)
+
+
+def _resolve_dir(model: str) -> str:
+    if str(model).startswith(("models:/", "runs:/")):
+        from sophon_ray.tracking import download_model  # lazy: the only mlflow importer
+
+        return str(download_model(str(model)))
+    return str(model)
+
+
+def _original(cfg: PipelineConfig, card: dict[str, Any], t: jobs.Tensors, log: Log) -> str | None:
+    """The unprotected source model dir named by the card's lineage, if it exists and loads."""
+    src = (card.get("lineage") or {}).get("source") or {}
+    path = src.get("path")
+    if not path or not Path(path).is_dir():
+        log("audit: no loadable source model in the card's lineage: no 'original' baseline")
+        return None
+    try:
+        _, src_card = jobs.load_for(cfg, path, t)
+    except UserError as e:
+        log(f"audit: source model {path} does not load ({e}): no 'original' baseline")
+        return None
+    if src.get("sha256") and src["sha256"] != src_card["sha256"]:
+        log(f"audit: source model {path} changed since protection (sha256 differs): no 'original' baseline")
+        return None
+    return str(path)
+
+
+def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
+    fault_trial = fault_trial or os.environ.get("SOPHON_RAY_FAULT_TRIAL") or None
+    if fault_trial is None:
+        return None
+    if isinstance(fault_trial, str):
+        text, _, mode = fault_trial.partition(":")
+        return (text, mode or "once")
+    text, mode = fault_trial
+    return (str(text), str(mode))
+
+
+def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int | None, budgets: Any,
+              seeds: int, fault_trial: Any, log: Log) -> Plan:
+    """Validate every input of an audit (no Ray, nothing written) and resolve the subjects.
+
+    Args:
+        cfg: the pipeline config; model: the protected model dir or MLflow URI.
+        suite, search, budgets, seeds, fault_trial: as in `run_audit`.
+        log: progress lines.
+    Returns:
+        The validated Plan. Raises UserError on bad input.
+    """
+    if cfg.kind != "classifier":
+        raise UserError(f"audit supports classifier pipelines in this version; {cfg.name!r} is {cfg.kind}")
+    budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
+    if seeds is None or seeds < 1:
+        raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
+    if suite is not None and search is not None:
+        raise UserError("pass either --suite NAME or --search N, not both")
+    if search is not None and search < 1:
+        raise UserError(f"--search {search}: the number of search trials must be at least 1")
+    recipes = get_suite(suite or DEFAULT_SUITE) if search is None else None
+    cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=budgets))
+    t = jobs.load_tensors(cfg)
+    model_dir = _resolve_dir(model)
+    _, card = jobs.load_for(cfg, model_dir, t)
+    subjects: dict[str, str | None] = {"protected": model_dir, "scratch": None}
+    original = _original(cfg, card, t, log)
+    if original:
+        subjects["original"] = original
+    mode = f"search{search}" if search is not None else (suite or DEFAULT_SUITE)
+    return Plan(cfg, str(model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
+                _parse_fault(fault_trial))
+
+
+def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, int]:
+    """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency)."""
+    import ray
+
+    local = not ray_address and not ray.is_initialized()
+    if local:
+        cpus = os.cpu_count() or 1
+        if concurrency is not None and concurrency > cpus:
+            raise UserError(f"--concurrency {concurrency} exceeds this machine's {cpus} CPUs; pass at most {cpus}")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address or None, include_dashboard=False, num_cpus=(os.cpu_count() if local else None),
+                 logging_level=logging.WARNING, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if concurrency is not None and concurrency > cpus:
+        if started:
+            ray.shutdown()
+        raise UserError(f"--concurrency {concurrency} exceeds the Ray cluster's {cpus} CPUs; pass at most {cpus}")
+    if concurrency is not None and concurrency < 1:
+        if started:
+            ray.shutdown()
+        raise UserError(f"--concurrency {concurrency}: need at least 1")
+    return started, concurrency or max(cpus, 1)
+
+
+def _progress_callback(planner: Any, log: Log):
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """One stderr line per finished trial: done/planned and the best attack so far per subject."""
+
+        def __init__(self) -> None:
+            self.done, self.best, self.start = 0, {}, time.perf_counter()
+
+        def _line(self, trial: Any, status: str) -> None:
+            self.done += 1
+            c = trial.config
+            value = (trial.last_result or {}).get("best")
+            if status == "ok" and value is not None:
+                self.best[c["subject"]] = max(self.best.get(c["subject"], value), value)
+            best = " ".join(f"{s} {self.best[s]:.3f}" for s in ("protected", "scratch", "original") if s in self.best)
+            got = f"{value:.3f}" if status == "ok" and value is not None else status.upper()
+            log(f"audit {self.done}/{planner.total} {c['id']:18s} {got:>7s} | best so far: {best} "
+                f"({time.perf_counter() - self.start:.0f}s)")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._line(trial, "ok")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._line(trial, "failed")
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log(f"audit: trial {trial.config['id']} failed, retrying ({trial.num_failures}/{MAX_FAILURES})")
+
+    return Progress()
+
+
+def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list, log: Log,
+          cpus_per_trial: float, gpus_per_trial: float) -> Any:
+    from ray import tune
+
+    from sophon_ray.audit.trial import attack_trial
+
+    name = f"audit-{plan.cfg.name}-{plan.sha256[:12]}-{plan.mode}"
+    storage = (out / ".tune").resolve()
+    shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, never a silent resume
+    trainable = tune.with_resources(
+        tune.with_parameters(attack_trial, cfg=plan.cfg, subjects=plan.subjects),
+        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=planner, num_samples=planner.total, max_concurrent_trials=concurrency, reuse_actors=True,
+            trial_name_creator=lambda t: t.config["id"], trial_dirname_creator=lambda t: t.config["id"],
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), verbose=0, callbacks=[_progress_callback(planner, log), *callbacks],
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        ),
+    )
+    quiet = logging.getLogger("ray.tune")
+    level, quiet.level = quiet.level, logging.CRITICAL  # failures are reported by Progress, one line each
+    try:
+        return tuner.fit()
+    finally:
+        quiet.setLevel(level)
+
+
+def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
+    """audit.json trial records, in plan order; a planned trial with no complete curve is "failed".
+
+    Args:
+        grid: the Tuner's ResultGrid; planner: the AuditPlanner that planned the trials.
+        budgets: the step budgets every ok trial must have reached.
+    Returns:
+        [{"id", "subject", "recipe", "seed", "status", "curve"}].
+    """
+    by_id = {r.config["id"]: r for r in grid if r.config and "id" in r.config}
+    records = []
+    for tid, c in planner.planned.items():
+        r = by_id.get(tid)
+        curve = dict((r.metrics or {}).get("curve") or {}) if r is not None else {}
+        ok = r is not None and r.error is None and set(curve) == {str(b) for b in budgets}
+        records.append({"id": tid, "subject": c["subject"], "recipe": c["recipe"], "seed": c["seed"],
+                        "status": "ok" if ok else "failed", "curve": curve})
+    return records
+
+
+def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float) -> dict[str, Any]:
+    """The audit.json dict; planned-but-missing trials count as failed in the verdict."""
+    from sophon_ray.audit.verdict import verdict, worst_case
+
+    failed = sum(t["status"] != "ok" for t in trials) + max(0, expected - len(trials))
+    worst = worst_case(trials, "max")
+    return {
+        "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
+        "metric": "accuracy", "attacker_goal": "max", "budgets": list(plan.cfg.attack.budgets), "trials": trials,
+        "worst_case": worst, "verdict": verdict(worst, epsilon, "max", failed_trials=failed),
+    }
+
+
+def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: Log) -> None:
+    from sophon_ray.audit.local import table
+
+    v = audit["verdict"]
+    log(f"\nBest restricted test accuracy an attacker reached ({planner.n_explore} recipes + re-runs, {wall:.0f}s):")
+    log(table(audit["worst_case"], tuple(audit["budgets"])))
+    for index, value in planner.ranking("protected")[:TOP_K]:
+        log(f"  top protected recipe r{index:02d} best {value:.3f}: {recipe_label(planner.recipes[index])}")
+    margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
+    log(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
+        f"{v['failed_trials']} failed trials) -> {out / 'audit.json'}")
+
+
+def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
+              epsilon=0.02, ray_address=None, log=print, callbacks=None, fault_trial=None,
+              cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0) -> dict:
+    """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
+
+    Args:
+        cfg: the pipeline config; model: protected model directory or MLflow URI.
+        out: output directory (audit.json, report.html, PNGs, .tune/).
+        suite: attack suite name (default "default-v1"); search: N Optuna trials instead.
+        budgets: step budgets (default cfg.attack.budgets); seeds: re-run seeds of the top recipes.
+        concurrency: max concurrent trials (default: all CPUs); epsilon: allowed margin.
+        ray_address: Ray cluster address (None: local, or the caller's initialised Ray).
+        log: one line at a time; callbacks: extra Tune callbacks (e.g. tracking).
+        fault_trial: test-only failure injection (see the module docstring).
+        cpus_per_trial, gpus_per_trial: resources of each trial (fractions allowed).
+    Returns:
+        The audit.json dict.
+    """
+    plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
+                     fault_trial=fault_trial, log=log)
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    from sophon_ray.audit.space import SUBJECTS, AuditPlanner, optuna_searcher
+
+    started, concurrency = _start_ray(ray_address, concurrency)
+    try:
+        subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
+        inner = optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search) if search is not None else None
+        planner = AuditPlanner(subjects, recipes=plan.recipes, inner=inner, n_search=search or 0, seeds=seeds,
+                               top_k=TOP_K, fault=plan.fault)
+        out = Path(out)
+        log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
+            f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
+        start = time.perf_counter()
+        grid = _tune(plan, planner, out, concurrency, list(callbacks or []), log, cpus_per_trial, gpus_per_trial)
+        audit = assemble(plan, collect(grid, planner, plan.cfg.attack.budgets), planner.total, epsilon)
+    finally:
+        if started:
+            ray.shutdown()
+    from sophon_ray.audit.report import write_report
+    from sophon_ray.card import write_json_atomic
+
+    write_report(audit, out, search=plan.search is not None, model_dir=plan.model_dir, source_dir=plan.subjects.get("original"))
+    write_json_atomic(out / "audit.json", audit)
+    _summary(audit, planner, out, time.perf_counter() - start, log)
+    return audit

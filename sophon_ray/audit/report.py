@@ -1,0 +1,196 @@
+"""The audit report: PNG plots (matplotlib, Agg) and a self-contained `report.html` beside them.
+
+Everything is drawn from the audit.json dict (plus the model directories' metrics.json), so a
+report can be re-drawn from a finished audit:
+
+- `curves.png`: best attack over recipes and seeds at each budget, protected vs scratch vs original;
+- `scatter.png`: per recipe (seed 0), the protected model's best value vs scratch's;
+- `search.png` (search mode): best protected value so far vs trial number;
+- `original.png`: original-domain test accuracy of the protected model vs its source.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from sophon_ray.audit.suites import recipe_label
+from sophon_ray.config import Recipe
+
+COLORS = {"protected": "tab:red", "scratch": "tab:gray", "original": "tab:blue"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _index(trial_id: str) -> str:
+    return trial_id.rsplit("-", 2)[1]  # "protected-r07-s0" -> "r07"
+
+
+def per_recipe(audit: dict[str, Any], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """{"r07": {"recipe": {...}, "<subject>": best value}} over ok trials of one seed, in plan order.
+
+    Args:
+        audit: the audit.json dict.
+        seed: which seed's trials (0 = the explore trials).
+    Returns:
+        Per recipe index, its recipe and each subject's best value over budgets.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for t in audit["trials"]:
+        if t["seed"] != seed:
+            continue
+        row = out.setdefault(_index(t["id"]), {"recipe": t["recipe"]})
+        if t["status"] == "ok" and t["curve"]:
+            row[t["subject"]] = max(t["curve"].values())
+    return out
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path.name
+
+
+def plot_curves(audit: dict[str, Any], path: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = audit["budgets"]
+    for subject, curve in audit["worst_case"].items():
+        ax.plot(budgets, [curve.get(str(b), float("nan")) for b in budgets], "o-", label=subject,
+                color=COLORS.get(subject))
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set(xlabel="fine-tuning steps (budget)", ylabel=f"best restricted test {audit['metric']}",
+           title="Best attack over all recipes and seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_scatter(rows: dict[str, dict[str, Any]], path: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D"}
+    for strategy, marker in markers.items():
+        pts = [(r["scratch"], r["protected"]) for r in rows.values()
+               if r["recipe"]["strategy"] == strategy and "scratch" in r and "protected" in r]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, label=strategy, alpha=0.7)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="protected = scratch")
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="scratch: best value", ylabel="protected: best value",
+           title="Per recipe (seed 0)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_search(rows: dict[str, dict[str, Any]], path: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for subject in ("protected", "scratch"):
+        xs, ys, best = [], [], float("-inf")
+        for n, r in enumerate(rows.values(), 1):
+            if subject in r:
+                best = max(best, r[subject])
+                xs.append(n)
+                ys.append(best)
+        ax.step(xs, ys, where="post", label=subject, color=COLORS[subject])
+    ax.set(xlabel="search trial (recipe) number", ylabel="best value so far", title="Adversarial search progress")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def original_accuracy(model_dir: str | None, source_dir: str | None) -> dict[str, float]:
+    """Original-domain test accuracy of the protected model and its source, from metrics.json files."""
+
+    def read(d: str | None) -> dict[str, Any]:
+        f = Path(d) / "metrics.json" if d else None
+        return json.loads(f.read_text()) if f and f.is_file() else {}
+
+    m, s = read(model_dir), read(source_dir)
+    out: dict[str, float] = {}
+    source = m.get("source_original_test_accuracy", s.get("original_test_accuracy"))
+    if source is not None:
+        out["source"] = float(source)
+    if "original_test_accuracy" in m:
+        out["protected"] = float(m["original_test_accuracy"])
+    return out
+
+
+def plot_original(acc: dict[str, float], path: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    names = [k for k in ("source", "protected") if k in acc]
+    bars = ax.bar(names, [acc[k] for k in names], color=[COLORS["original"], COLORS["protected"]][: len(names)])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set(ylim=(0, 1.05), ylabel="original-domain test accuracy", title="Original task kept?")
+    return _save(fig, path)
+
+
+def _table_html(audit: dict[str, Any]) -> str:
+    budgets = audit["budgets"]
+    head = "".join(f"<th>{b}</th>" for b in budgets)
+    rows = "".join(
+        f"<tr><td>{s}</td>" + "".join(f"<td>{c.get(str(b), float('nan')):.3f}</td>" for b in budgets) + "</tr>"
+        for s, c in audit["worst_case"].items())
+    return f"<table><tr><th>subject \\ steps</th>{head}</tr>{rows}</table>"
+
+
+def _top_html(rows: dict[str, dict[str, Any]], k: int = 10) -> str:
+    ranked = sorted((r for r in rows.values() if "protected" in r), key=lambda r: -r["protected"])[:k]
+    body = "".join(
+        f"<tr><td>{html.escape(recipe_label(Recipe(**r['recipe'])))}</td><td>{r['protected']:.3f}</td>"
+        f"<td>{r.get('scratch', float('nan')):.3f}</td><td>{r.get('original', float('nan')):.3f}</td></tr>"
+        for r in ranked)
+    return f"<table><tr><th>recipe</th><th>protected</th><th>scratch</th><th>original</th></tr>{body}</table>"
+
+
+def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False, model_dir: str | None = None,
+                 source_dir: str | None = None) -> Path:
+    """Draw the plots and write `report.html` into `out`.
+
+    Args:
+        audit: the audit.json dict.
+        out: output directory (created if missing).
+        search: whether the audit was a search (adds the best-so-far plot).
+        model_dir, source_dir: model directories whose metrics.json give original-domain accuracy.
+    Returns:
+        The path of report.html.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = per_recipe(audit)
+    images = [plot_curves(audit, out / "curves.png"), plot_scatter(rows, out / "scatter.png")]
+    if search:
+        images.append(plot_search(rows, out / "search.png"))
+    acc = original_accuracy(model_dir, source_dir)
+    if acc:
+        images.append(plot_original(acc, out / "original.png"))
+    v = audit["verdict"]
+    failed = [t["id"] for t in audit["trials"] if t["status"] != "ok"]
+    margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
+    body = (
+        f"<h1>Audit of {html.escape(audit['model']['uri'])}</h1>"
+        f"<p>pipeline <b>{html.escape(audit['pipeline'])}</b>, sha256 <code>{audit['model']['sha256'][:16]}</code>, "
+        f"{len(audit['trials'])} trials, budgets {audit['budgets']}</p>"
+        f"<h2>Verdict: {'PASSED' if v['passed'] else 'FAILED'}</h2><p>margin {margin} vs epsilon {v['epsilon']}; "
+        f"failed trials: {v['failed_trials']} {html.escape(', '.join(failed[:20]))}</p>"
+        f"<h2>Best attack ({audit['metric']}, attacker goal {audit['attacker_goal']})</h2>{_table_html(audit)}"
+        f"<h2>Strongest recipes against the protected model (seed 0)</h2>{_top_html(rows)}"
+        + "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
+    )
+    style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>sophon-ray audit</title><style>{style}</style></head><body>{body}</body></html>"
+    path = out / "report.html"
+    path.write_text(page)
+    return path

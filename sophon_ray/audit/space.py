@@ -1,0 +1,224 @@
+"""The attack space as Ray Tune search spaces, and the planner that turns an audit into trials.
+
+`attack_space()` is the adversary's hyper-parameter space (strategy x optimizer x lr x batch
+size x weight decay x schedule) as Tune domains; `to_recipe` maps one sampled point to a
+`Recipe`. `AuditPlanner` is a Tune `Searcher` that plans every trial of one audit inside ONE
+Tuner run:
+
+1. explore: every recipe of a suite, or N suggestions of an inner searcher (Optuna TPE over
+   `attack_space()`, maximising the protected model's best restricted metric), each applied
+   to every subject (protected, scratch, original) with seed 0;
+2. re-run: once every explore trial has finished, the top-k recipes by the protected model's
+   best value, plus the top-k by the scratch model's (so both sides of the margin get the
+   same extra seeds), re-run on every subject with seeds 1..S at the full budget.
+
+No trial is stopped early: every trial runs every budget (protected models are built to look
+flat early, so early stopping must not decide the worst case).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Any
+
+from ray import tune
+from ray.tune.search import Searcher
+
+from sophon_ray.config import Recipe
+from sophon_ray.core.attack import OPTIMIZERS, SCHEDULES, STRATEGIES
+
+LR_RANGE = (1e-5, 1e-1)
+BATCH_SIZES = (16, 32, 64)
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+# Adadelta's lr multiplies its own adaptive step (PyTorch default 1.0): a sampled lr in
+# 1e-5..1e-1 is scaled by 10 for it, so the search covers 1e-4..1 where Adadelta is useful.
+LR_SCALE = {"adadelta": 10.0}
+SUBJECTS = ("protected", "scratch", "original")
+
+
+def attack_space(
+    strategies: tuple[str, ...] = STRATEGIES,
+    optimizers: tuple[str, ...] = OPTIMIZERS,
+    lr: tuple[float, float] = LR_RANGE,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
+    schedules: tuple[str, ...] = SCHEDULES,
+) -> dict[str, Any]:
+    """The attacker's hyper-parameter space as Ray Tune domains.
+
+    Args:
+        strategies, optimizers, batch_sizes, weight_decays, schedules: categorical choices.
+        lr: (low, high) of the log-uniform learning rate.
+    Returns:
+        {"strategy", "optimizer", "lr", "batch_size", "weight_decay", "schedule"} -> Tune domain.
+    """
+    return {
+        "strategy": tune.choice(list(strategies)),
+        "optimizer": tune.choice(list(optimizers)),
+        "lr": tune.loguniform(*lr),
+        "batch_size": tune.choice(list(batch_sizes)),
+        "weight_decay": tune.choice(list(weight_decays)),
+        "schedule": tune.choice(list(schedules)),
+    }
+
+
+def to_recipe(point: dict[str, Any]) -> Recipe:
+    """A sampled point of `attack_space()` as the Recipe that is run (Adadelta's lr scaled).
+
+    Args:
+        point: values for the keys of `attack_space()`.
+    Returns:
+        The Recipe; its lr is the effective learning rate.
+    """
+    lr = float(point["lr"]) * LR_SCALE.get(point["optimizer"], 1.0)
+    return Recipe(
+        strategy=point["strategy"], optimizer=point["optimizer"], lr=float(f"{lr:.3g}"),
+        batch_size=int(point["batch_size"]), weight_decay=float(point["weight_decay"]),
+        schedule=point["schedule"],
+    )
+
+
+def optuna_searcher(seed: int = 0, n_trials: int = 64) -> Searcher:
+    """Optuna TPE over `attack_space()`, maximising the trial metric "best".
+
+    Args:
+        seed: sampler seed.
+        n_trials: planned suggestions (sets the random start-up phase: a quarter, 4..16).
+    Returns:
+        An OptunaSearch to pass to `AuditPlanner(inner=...)`.
+    """
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    startup = max(4, min(16, n_trials // 4))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+    space = OptunaSearch.convert_search_space(attack_space())
+    return OptunaSearch(space=space, metric="best", mode="max", sampler=sampler)
+
+
+def trial_id(subject: str, index: int, seed: int) -> str:
+    """Deterministic trial id, e.g. "protected-r07-s0" (recipe index 7, seed 0)."""
+    return f"{subject}-r{index:02d}-s{seed}"
+
+
+class AuditPlanner(Searcher):
+    """Plans the trials of one audit (see the module docstring) as a Tune Searcher.
+
+    Args:
+        subjects: subject names in order, e.g. ("protected", "scratch", "original").
+        recipes: the suite's recipes (suite mode), or None.
+        inner: a searcher over `attack_space()` (search mode), or None.
+        n_search: how many recipes to ask `inner` for (search mode).
+        seeds: re-run seeds per top recipe (seeds 1..S).
+        top_k: how many top recipes per ranking subject are re-run.
+        fault: (substring, "once"|"always") marks trials for injected failures (tests only).
+    """
+
+    def __init__(self, subjects: tuple[str, ...], *, recipes: tuple[Recipe, ...] | None = None,
+                 inner: Searcher | None = None, n_search: int = 0, seeds: int = 3, top_k: int = 3,
+                 fault: tuple[str, str] | None = None):
+        super().__init__(metric="best", mode="max")
+        assert (recipes is None) != (inner is None), "suite XOR search"
+        self.subjects, self.inner, self.seeds, self.top_k, self.fault = subjects, inner, seeds, top_k, fault
+        self.recipes: list[Recipe] = list(recipes or ())
+        self.n_explore = len(self.recipes) if recipes is not None else n_search
+        self.phase = "explore"
+        self.planned: dict[str, dict[str, Any]] = {}  # trial id -> config, in hand-out order
+        self.best: dict[str, float] = {}  # trial id -> best value of an ok trial
+        self.finished: set[str] = set()  # ok or failed for good
+        self._queue: deque[dict[str, Any]] = deque()
+        self._tune_to_id: dict[str, str] = {}
+        self._inner_ids: set[str] = set()
+        if recipes is not None:
+            for i, r in enumerate(self.recipes):
+                self._queue.extend(self._configs(i, r, 0))
+
+    # -- planning ------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Trials planned so far (explore in full; re-runs once planned, else their maximum)."""
+        reruns = self._rerun_count if self.phase == "rerun" else 2 * self.top_k * self.seeds * len(self.subjects)
+        return self.n_explore * len(self.subjects) + reruns
+
+    def _configs(self, index: int, recipe: Recipe, seed: int) -> list[dict[str, Any]]:
+        out = []
+        for s in self.subjects:
+            tid = trial_id(s, index, seed)
+            fault = self.fault[1] if self.fault and self.fault[0] in tid else None
+            out.append({"id": tid, "subject": s, "index": index, "recipe": dataclasses.asdict(recipe),
+                        "seed": seed, "fault": fault})
+        return out
+
+    def _explore_done(self) -> bool:
+        explore = [t for t, c in self.planned.items() if c["seed"] == 0]
+        return len(explore) == self.n_explore * len(self.subjects) and all(t in self.finished for t in explore)
+
+    def ranking(self, subject: str) -> list[tuple[int, float]]:
+        """(recipe index, best value) of the subject's ok seed-0 trials, best first."""
+        rows = [(c["index"], self.best[t]) for t, c in self.planned.items()
+                if c["subject"] == subject and c["seed"] == 0 and t in self.best]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))
+
+    def rerun_indices(self) -> list[int]:
+        """Recipe indices to re-run: top-k by protected, then top-k by scratch (deduplicated)."""
+        out: list[int] = []
+        for subject in ("protected", "scratch"):
+            for index, _ in self.ranking(subject)[: self.top_k]:
+                if index not in out:
+                    out.append(index)
+        return out
+
+    def _plan_reruns(self) -> None:
+        self.phase = "rerun"
+        indices = self.rerun_indices()
+        for seed in range(1, self.seeds + 1):
+            for i in indices:
+                self._queue.extend(self._configs(i, self.recipes[i], seed))
+        self._rerun_count = len(self._queue)
+
+    def _suggest_recipe(self, tune_id: str) -> dict[str, Any] | None:
+        point = self.inner.suggest(tune_id)
+        if point is None or point == Searcher.FINISHED:
+            return None
+        self._inner_ids.add(tune_id)
+        index = len(self.recipes)
+        self.recipes.append(to_recipe(point))
+        first, *rest = self._configs(index, self.recipes[index], 0)
+        self._queue.extend(rest)
+        return first
+
+    # -- Searcher API -----------------------------------------------------------------------
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = self._queue.popleft() if self._queue else None
+        if config is None and self.phase == "explore":
+            if self.inner is not None and len(self.recipes) < self.n_explore:
+                config = self._suggest_recipe(trial_id)
+            elif self._explore_done():
+                self._plan_reruns()
+                config = self._queue.popleft() if self._queue else None
+        if config is None:
+            return Searcher.FINISHED if self.phase == "rerun" else None
+        self.planned[config["id"]] = config
+        self._tune_to_id[trial_id] = config["id"]
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        tid = self._tune_to_id.get(trial_id)
+        if tid is None:
+            return
+        self.finished.add(tid)
+        if not error and result and "best" in result:
+            self.best[tid] = float(result["best"])
+        if trial_id in self._inner_ids:
+            self.inner.on_trial_complete(trial_id, result=result, error=error or not result or "best" not in result)
+
+    def save(self, checkpoint_path: str) -> None:  # resume is not supported: nothing to save
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

@@ -1,0 +1,132 @@
+"""The audit trial: one real fine-tuning attack as a Ray Tune function trainable.
+
+A trial attacks one subject (the protected model, a scratch model, or the unprotected
+original) with one recipe and seed, and calls `ray.tune.report` at every step budget with:
+
+- `steps`, `value`: the budget just reached and the restricted test metric there;
+- `best`: the best value so far (what the planner ranks and Optuna maximises);
+- `curve`: {"<steps>": value} for every budget reached so far (the last report holds all);
+- `compute_s`: seconds spent fine-tuning and evaluating so far, measured inside the trial
+  (excludes data loading, model loading and the reports themselves), so that
+  wall - sum(compute_s) is the audit's scheduling overhead.
+
+Pipeline tensors and loaded models are cached in module-level dicts, so a reused actor
+(`reuse_actors=True`) loads them once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sophon_ray import jobs
+from sophon_ray.config import PipelineConfig, Recipe, to_dict
+
+_TENSORS: dict[tuple[str, str], jobs.Tensors] = {}
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def data_key(cfg: PipelineConfig) -> str:
+    """Hash of what determines a pipeline's tensors (domains and input spec)."""
+    blob = json.dumps([to_dict(cfg.input), to_dict(cfg.original), [to_dict(d) for d in cfg.restricted]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _device() -> str:
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def cached_tensors(cfg: PipelineConfig, device: str = "cpu") -> jobs.Tensors:
+    """The pipeline's tensors, loaded once per process and device.
+
+    Args:
+        cfg: the pipeline config.
+        device: "cpu" or "cuda".
+    Returns:
+        The preprocessed tensors (on `device`).
+    """
+    key = (data_key(cfg), device)
+    if key not in _TENSORS:
+        t = jobs.load_tensors(cfg)
+        if device != "cpu":
+            moved = {f: tuple(x.to(device) for x in getattr(t, f))
+                     for f in ("original_train", "original_test", "restricted_train", "restricted_test")}
+            t = jobs.Tensors(**moved, num_classes=t.num_classes, names=t.names)
+        _TENSORS[key] = t
+    return _TENSORS[key]
+
+
+def subject_model(cfg: PipelineConfig, path: str | None, t: jobs.Tensors, seed: int, device: str) -> torch.nn.Module:
+    """A fresh copy of the subject's model: loaded once per process, or a seeded scratch model.
+
+    Args:
+        cfg: the pipeline config.
+        path: the model directory, or None for a scratch model.
+        t: the pipeline tensors (for the class count).
+        seed: the trial seed (scratch models are seeded 10000 + seed, as in `jobs.attack`).
+        device: where the model goes.
+    Returns:
+        A module the trial may modify.
+    """
+    if path is None:
+        return jobs.new_model(cfg, t.num_classes, 10_000 + seed).to(device)
+    key = (str(path), device)
+    if key not in _MODELS:
+        _MODELS[key] = jobs.load_for(cfg, path, t)[0].to(device)
+    return copy.deepcopy(_MODELS[key])
+
+
+def _maybe_fault(config: dict[str, Any]) -> None:
+    """Test-only failure injection: "always" fails every attempt, "once" only the first."""
+    mode = config.get("fault")
+    if not mode:
+        return
+    from ray import tune
+
+    marker = Path(tune.get_context().get_trial_dir()) / ".fault-injected"
+    if mode == "always" or not marker.exists():
+        marker.touch()
+        raise RuntimeError(f"injected fault in trial {config['id']} (test-only, fault={mode})")
+
+
+def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[str, str | None]) -> None:
+    """Tune function trainable: run one attack and report at every budget of `cfg.attack.budgets`.
+
+    Args:
+        config: {"id", "subject", "index", "recipe" (Recipe fields), "seed", "fault"} from the planner.
+        cfg: the pipeline config (budgets already resolved), bound with `tune.with_parameters`.
+        subjects: subject name -> model directory (None for scratch).
+    """
+    from ray import tune
+
+    from sophon_ray.core import accuracy, finetune
+
+    _maybe_fault(config)
+    device = _device()
+    t = cached_tensors(cfg, device)
+    seed = int(config["seed"])
+    model = subject_model(cfg, subjects[config["subject"]], t, seed, device)
+    torch.manual_seed(seed)
+    state = {"compute": 0.0, "mark": time.perf_counter(), "best": float("-inf"), "curve": {}}
+
+    def on_budget(steps: int, value: float) -> None:
+        state["compute"] += time.perf_counter() - state["mark"]
+        state["best"] = max(state["best"], value)
+        state["curve"][str(steps)] = value
+        tune.report({"steps": steps, "value": value, "best": state["best"], "curve": dict(state["curve"]),
+                     "compute_s": state["compute"]})
+        state["mark"] = time.perf_counter()
+
+    finetune(
+        model, Recipe(**config["recipe"]), t.restricted_train, cfg.attack.budgets,
+        evaluate=lambda m: accuracy(m, *t.restricted_test, batch_size=cfg.attack.eval_batch),
+        head_keys=jobs.head_keys(model), seed=seed, on_budget=on_budget,
+    )

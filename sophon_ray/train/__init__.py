@@ -1,0 +1,1 @@
+"""Ray Train layer: distributed protection (driver, per-worker loop, checkpoint format)."""

@@ -1,0 +1,40 @@
+"""Protection checkpoint format: weights as safetensors, the rest as a weights-only torch file.
+
+A checkpoint directory holds `model.safetensors` (current weights and buffers) and
+`state.pt` (both Adam optimizers' states, the guard's state and last good snapshot, the
+iteration counter and the torch RNG state), written with `torch.save` of plain tensors and
+numbers and read back only with `torch.load(weights_only=True)`: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sophon_ray.errors import UserError
+
+
+def save_checkpoint(prot: Any, directory: Path) -> None:
+    """Write `prot` (a core `Protection`) into `directory`."""
+    from safetensors.torch import save_file
+
+    state = prot.state_dict()
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.pop("model").items()}
+    save_file(weights, str(directory / "model.safetensors"))
+    state["rng"] = torch.get_rng_state()
+    torch.save(state, directory / "state.pt")
+
+
+def load_checkpoint(prot: Any, directory: Path) -> None:
+    """Restore `prot` from a directory written by `save_checkpoint`."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(directory / "model.safetensors"))
+        state = torch.load(directory / "state.pt", weights_only=True)
+    except Exception as e:  # a corrupt checkpoint must not be half-loaded
+        raise UserError(f"checkpoint {directory} cannot be read ({e}); delete it or start without --resume") from None
+    torch.set_rng_state(state.pop("rng"))
+    prot.load_state_dict({"model": weights, **state})

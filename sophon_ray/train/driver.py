@@ -1,0 +1,247 @@
+"""Driver of distributed protection on Ray Train (V2, TorchTrainer).
+
+The driver validates everything before Ray starts work, materialises the run's data once as
+Parquet plus a copy of the source model directory in `<storage_path>/<run name>/`, starts the
+TorchTrainer, shows a concise progress line per report, and writes the protected model
+directory from the final checkpoint. Run names are `protect-<pipeline>-<config hash>` (no
+timestamps): `--resume` reuses the name on purpose and Ray Train continues from the latest
+checkpoint; without `--resume` an old run of the same name is removed first.
+
+On a multi-node cluster `storage_path` must be shared storage (NFS mount or s3://...) that
+every node can read: workers read the Parquet data and the source model from it and Ray
+Train writes checkpoints to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sophon_ray.config import PipelineConfig, config_hash, to_dict
+from sophon_ray.errors import UserError
+
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # else every report costs ~2 s (environment.md)
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def quiet_ray_env(verbose: bool = False) -> None:
+    """Set Ray's environment switches (before ray.init) unless the user set them already."""
+    for k, v in QUIET_ENV.items():
+        if verbose and k in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_AIR_NEW_OUTPUT"):
+            continue
+        os.environ.setdefault(k, v)
+
+
+def check_address(address: str | None) -> None:
+    """Fail fast with one line when an explicit `host:port` Ray address is unreachable."""
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r}: expected host:port (e.g. 127.0.0.1:6379) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError:
+        raise UserError(f"Ray cluster at {address} is unreachable; start it (ray start --head) or fix --ray-address") from None
+
+
+def init_ray(address: str | None, verbose: bool = False) -> bool:
+    """Connect to (or start) Ray quietly; returns True when this call started it."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    check_address(address)
+    quiet_ray_env(verbose)
+    ray.init(
+        address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
+        log_to_driver=verbose, configure_logging=True,
+    )
+    return True
+
+
+def check_resources(workers: int, cpus: float, gpus: float, have: dict[str, float] | None = None) -> None:
+    """Refuse a scaling config the cluster (or `have`) cannot ever satisfy, instead of hanging."""
+    import ray
+
+    have = have if have is not None else ray.cluster_resources()
+    need_cpu, need_gpu = workers * cpus, workers * gpus
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise UserError(
+            f"--workers {workers} needs {need_cpu:g} CPUs and {need_gpu:g} GPUs but the cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower --workers/--gpus-per-worker"
+        )
+
+
+def run_name(cfg: PipelineConfig, source_sha: str, workers: int) -> str:
+    return f"protect-{cfg.name}-{config_hash(cfg)}-{source_sha[:8]}-w{workers}"
+
+
+def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path) -> None:
+    """Write the run's data (Parquet, raw uint8) and a copy of the source model, once."""
+    from sophon_ray.data import load_domain, write_parquet
+
+    if (run_dir / "data" / "names.json").exists() and (run_dir / "source").exists():
+        return
+    orig, restr = load_domain(cfg.original), load_domain(cfg.restricted[0])
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    for name, images in (("original_train", orig.train), ("original_test", orig.test),
+                         ("restricted_train", restr.train), ("restricted_test", restr.test)):
+        write_parquet(images, run_dir / "data" / f"{name}.parquet")
+    shutil.copytree(source, run_dir / "source", dirs_exist_ok=True)
+    names = {"original": orig.name, "restricted": [restr.name], "num_classes": orig.num_classes}
+    (run_dir / "data" / "names.json").write_text(json.dumps(names))
+
+
+def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[[str], None]) -> None:
+    seen = 0
+    while True:
+        final = stop.is_set()  # read once more after the run ended, so no line is lost
+        if path.exists():
+            lines = path.read_text().splitlines()
+            for line in lines[seen:]:
+                m = json.loads(line)
+                orig = f" orig_acc {m['orig_metric']:.3f}" if "orig_metric" in m else ""
+                log(f"protect {m['iteration']}/{total} fts_loss {m['fts_loss']:.3f} sim_acc {m['sim_metric']:.3f} "
+                    f"ntr_loss {m['ntr_loss']:.3f}{orig} ({m['seconds']:.1f}s, {m['world']} workers)")
+            seen = len(lines)
+        if final:
+            return
+        stop.wait(0.5)
+
+
+def protect_distributed(
+    cfg: PipelineConfig,
+    source: str | Path,
+    out: str | Path,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: int = 1,
+    ray_address: str | None = None,
+    storage_path: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    report_every: int | None = None,
+    max_failures: int = 2,
+    fault: dict[str, int] | None = None,
+    verbose: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run SOPHON protection on `workers` Ray Train workers and write the protected model dir.
+
+    Args:
+        cfg: the pipeline config; source: the source model dir; out: the output model dir.
+        workers, gpus_per_worker, cpus_per_worker: the scaling config (gloo on CPU, nccl on GPU).
+        ray_address: an existing cluster (None starts a local one).
+        storage_path: where data, checkpoints and results go (shared storage on a real cluster);
+            default `<out>/../.ray`.
+        resume: continue a stopped run of the same name from its latest checkpoint.
+        checkpoint_every, report_every: iteration cadences (defaults: iterations/10, /20).
+        max_failures: worker-failure restarts from the last checkpoint.
+        fault: test-only fault injection {"iteration": i, "rank": r}: that worker exits once.
+    Returns:
+        The protected model directory.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sophon_ray import card as cardlib
+    from sophon_ray import jobs
+    from sophon_ray.core import accuracy
+    from sophon_ray.core.protect import validate_config
+
+    if workers < 1:
+        raise UserError("--workers must be >= 1 for Ray Train (use --workers 0 for the in-process path)")
+    validate_config(cfg.protect, cfg.kind)
+    t = jobs.load_tensors(cfg)
+    source_model, src_card = jobs.load_for(cfg, source, t)
+    source_acc = accuracy(source_model, *t.original_test, batch_size=cfg.attack.eval_batch)
+    out = Path(out)
+    storage = Path(storage_path) if storage_path else out.parent / ".ray"
+    storage = storage.resolve()
+    name = run_name(cfg, src_card["sha256"], workers)
+    run_dir = storage / name
+    import ray
+
+    if ray_address is None and not ray.is_initialized():
+        check_resources(workers, cpus_per_worker, gpus_per_worker, {"CPU": os.cpu_count() or 1})  # before starting Ray
+    started = init_ray(ray_address, verbose)
+    try:
+        check_resources(workers, cpus_per_worker, gpus_per_worker)
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        _materialise(cfg, Path(source), run_dir)
+        (run_dir / "progress.jsonl").unlink(missing_ok=True)
+        iters = cfg.protect.iterations
+        loop_config = {
+            "cfg": cfg, "run_dir": str(run_dir), "source_acc": source_acc, "threads": cpus_per_worker,
+            "report_every": report_every or max(iters // 20, 1),
+            "checkpoint_every": checkpoint_every or max(iters // 10, 1), "fault": fault,
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker=_entry,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        log(f"protect on Ray Train: {workers} worker(s), run {name}, storage {storage}")
+        stop = threading.Event()
+        tail = threading.Thread(target=_tail_progress, args=(run_dir / "progress.jsonl", iters, stop, log), daemon=True)
+        tail.start()
+        start = time.perf_counter()
+        try:
+            result = trainer.fit()
+        finally:
+            stop.set()
+            tail.join()
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: {result.error}")
+        model = jobs.new_model(cfg, t.num_classes, 0)
+        prot = jobs.build_protection(cfg, model, t, source_acc)
+        from sophon_ray.train.checkpoint import load_checkpoint
+
+        with result.checkpoint.as_directory() as d:
+            load_checkpoint(prot, Path(d))
+        acc = accuracy(model, *t.original_test, batch_size=cfg.attack.eval_batch)
+        metrics = {
+            "original_test_accuracy": acc, "source_original_test_accuracy": source_acc,
+            "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, "workers": workers,
+            "seconds": round(time.perf_counter() - start, 2), "ray_run": name,
+        }
+        lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]},
+                   "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers}}
+        log(f"protect done: original test accuracy {acc:.4f} (source {source_acc:.4f}), iterations {prot.iteration}")
+        return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _entry(config: dict[str, Any]) -> None:
+    from sophon_ray.train.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)

@@ -1,0 +1,111 @@
+"""The per-worker loop of distributed protection (runs inside Ray Train workers).
+
+Every worker builds the same `Protection` from the run's shared storage (Parquet data + the
+source model directory), simulates its share of the FTS environments and its share of every
+NTR batch, and all-reduces gradients through torch.distributed (gloo on CPU, nccl on GPU)
+before each optimizer step, so all workers hold identical weights. Rank 0 alone writes
+checkpoints, progress lines and reports metrics with checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sophon_ray.train.checkpoint import load_checkpoint, save_checkpoint
+
+FAULT_MARKER = "fault-injected"
+
+
+def _allreduce_fn(device: torch.device):
+    import torch.distributed as dist
+
+    def allreduce(tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        flat = torch.cat([t.detach().reshape(-1).to(device, torch.float32) for t in tensors])  # (sum numel,)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
+            offset += n
+
+    return allreduce
+
+
+def _tensors_from_storage(cfg: Any, run_dir: Path):
+    from sophon_ray import jobs
+    from sophon_ray.data import preprocess, read_parquet
+
+    data = {k: preprocess(read_parquet(run_dir / "data" / f"{k}.parquet"), cfg.input) for k in
+            ("original_train", "original_test", "restricted_train", "restricted_test")}
+    names = json.loads((run_dir / "data" / "names.json").read_text())
+    return jobs.Tensors(num_classes=names.pop("num_classes"), names=names, **data)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: cfg (PipelineConfig), run_dir, report_every,
+    checkpoint_every, threads, fault (None or {"iteration": i, "rank": r}), source_acc."""
+    import ray.train
+
+    from sophon_ray import card as cardlib
+    from sophon_ray import jobs
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config["threads"]))
+    cfg, run_dir = config["cfg"], Path(config["run_dir"])
+    t = _tensors_from_storage(cfg, run_dir)
+    model, _ = cardlib.load_model(run_dir / "source")
+    device = torch.device("cpu")
+    prot = jobs.build_protection(
+        cfg, model, t, float(config["source_acc"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
+    )
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            load_checkpoint(prot, Path(d))
+    fault = config.get("fault")
+    progress = run_dir / "progress.jsonl"
+    window: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    while prot.iteration < cfg.protect.iterations:
+        if fault and prot.iteration == fault["iteration"] and rank == fault["rank"]:
+            marker = run_dir / FAULT_MARKER
+            if not marker.exists():  # test-only: die once, as a crashed worker would
+                marker.write_text(str(prot.iteration))
+                os._exit(1)
+        metrics = prot.step()
+        for k, v in metrics.items():
+            window.setdefault(k, []).append(v)
+        it = prot.iteration
+        done = it == cfg.protect.iterations
+        if it % config["report_every"] == 0 or done or it % config["checkpoint_every"] == 0:
+            summary = {k: sum(v) / len(v) for k, v in window.items()}
+            summary.update(iteration=it, seconds=time.perf_counter() - start, world=world)
+            window = {}
+            _report(prot, summary, rank, progress, it % config["checkpoint_every"] == 0 or done)
+
+
+def _report(prot: Any, metrics: dict[str, float], rank: int, progress: Path, with_checkpoint: bool) -> None:
+    import ray.train
+
+    if rank == 0:
+        with progress.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(prot, Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
