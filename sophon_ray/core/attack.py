@@ -21,12 +21,16 @@ from sophon_ray.errors import UserError
 STRATEGIES = ("direct-all", "direct-FC", "initFC-all", "initFC-FC")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
 SCHEDULES = ("constant", "cosine", "warmup")
+# Diffusion UNets (no head): `all` trains everything, `up` only up_blocks.*, `down` only down_blocks.*.
+DIFFUSION_STRATEGIES = ("all", "up", "down")
+_DIFFUSION_PREFIX = {"all": "", "up": "up_blocks.", "down": "down_blocks."}
 
 
 def validate_recipe(recipe: Recipe) -> None:
     """Raise UserError naming the fix for an impossible recipe."""
-    if recipe.strategy not in STRATEGIES:
-        raise UserError(f"unknown attack strategy {recipe.strategy!r}; use one of: {', '.join(STRATEGIES)}")
+    if recipe.strategy not in STRATEGIES + DIFFUSION_STRATEGIES:
+        raise UserError(f"unknown attack strategy {recipe.strategy!r}; use one of: {', '.join(STRATEGIES)} "
+                        f"(classifiers) or {', '.join(DIFFUSION_STRATEGIES)} (diffusion)")
     if recipe.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown attack optimizer {recipe.optimizer!r}; use one of: {', '.join(OPTIMIZERS)}")
     if recipe.schedule not in SCHEDULES:
@@ -67,6 +71,14 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
 def prepare(model: torch.nn.Module, recipe: Recipe, head_keys: tuple[str, ...], seed: int) -> list[torch.Tensor]:
     """Apply the strategy to `model` in place; return the parameters the attacker trains."""
     named = dict(model.named_parameters())
+    if recipe.strategy in DIFFUSION_STRATEGIES:
+        trained = [k for k in named if k.startswith(_DIFFUSION_PREFIX[recipe.strategy])]
+        if not trained:
+            raise UserError(f"strategy {recipe.strategy!r} trains {_DIFFUSION_PREFIX[recipe.strategy]}* but the model "
+                            f"has no such parameters; use {', '.join(STRATEGIES)} for a classifier")
+        for k, p in named.items():
+            p.requires_grad_(k in trained)
+        return [named[k] for k in trained]
     if recipe.strategy.startswith("initFC"):
         new = fresh_head(named, head_keys, torch.Generator().manual_seed(seed))
         with torch.no_grad():

@@ -1,0 +1,69 @@
+"""digits-diffusion: bundled digits as a generation task (DDPM, ε-prediction UNet).
+
+Original domain: digits 0-4; restricted domain: digits 5-9 (the `digits` split: test = i % 5 == 0).
+1 channel, 8x8 -> 16x16 bilinear, pixels in [-1, 1] (mean 0.5, std 0.5). The source model is a
+unet-small (unet-tiny in the smoke config). A UNet has no head, so the simulated environments
+never re-initialise or probe one. The judge, a cnn-small trained on all ten digits with the same
+input spec (`judge_config`), labels generated samples for the "recognised as restricted" metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sophon_ray.config import (
+    ArchSpec, AttackConfig, DomainSpec, EnvSpace, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
+)
+
+INPUT = InputSpec(channels=1, size=16, resize="bilinear", mean=(0.5,), std=(0.5,))
+RESTRICTED_DIGITS = (5, 6, 7, 8, 9)  # the judge's labels that count as restricted
+
+
+def get_config(smoke: bool = False) -> PipelineConfig:
+    env = EnvSpace(
+        optimizers=("sgd", "momentum", "adam"),
+        lr={"sgd": (1e-2, 1e-1), "momentum": (1e-3, 1e-2), "adam": (1e-4, 3e-3)},
+        batch_sizes=(16, 32),
+        reinit_head_prob=0.0,
+        head_only_prob=0.0,
+    )
+    cfg = PipelineConfig(
+        name="digits-diffusion",
+        description="bundled digits as DDPM generation: keep 0-4 (original), resist fine-tuning on 5-9, small UNet",
+        kind="diffusion",
+        input=INPUT,
+        original=DomainSpec(source="digits", classes=(0, 1, 2, 3, 4)),
+        restricted=(DomainSpec(source="digits", classes=RESTRICTED_DIGITS),),
+        arch=ArchSpec(name="unet-small"),
+        pretrain=PretrainConfig(steps=3000, batch_size=64, lr=1e-3),
+        protect=ProtectConfig(
+            iterations=200, envs_per_step=2, inner_steps=5, loss="dos", query_batch=32, ntr_batch=32,
+            alpha=1e-3, beta=3e-4, clip=0.5, guard_margin=0.10, guard_every=10, env=env,
+        ),
+        attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
+    )
+    if smoke:
+        cfg = dataclasses.replace(
+            cfg,
+            arch=ArchSpec(name="unet-tiny"),
+            pretrain=dataclasses.replace(cfg.pretrain, steps=20, batch_size=16),
+            protect=dataclasses.replace(cfg.protect, iterations=2, inner_steps=2, query_batch=8, ntr_batch=8,
+                                        guard_every=1, env=dataclasses.replace(env, batch_sizes=(8,))),
+            attack=dataclasses.replace(cfg.attack, budgets=(2, 4)),
+        )
+    return cfg
+
+
+def judge_config() -> PipelineConfig:
+    """The judge: a cnn-small classifier of all ten digits on the same 16x16 [-1, 1] inputs."""
+    ten = DomainSpec(source="digits")
+    return PipelineConfig(
+        name="digits-diffusion-judge",
+        description="digit classifier (0-9) that labels generated samples",
+        kind="classifier",
+        input=INPUT,
+        original=ten,
+        restricted=(ten,),
+        arch=ArchSpec(name="cnn-small"),
+        pretrain=PretrainConfig(steps=800, batch_size=64, lr=2e-3),
+    )

@@ -1,0 +1,369 @@
+"""The diffusion jobs: pretrain, protect and attack a DDPM UNet (kind="diffusion" pipelines).
+
+They mirror `sophon_ray.jobs` (same model directories, same engine, same guard and Ray Train
+path) with the ε-prediction objective of `core.diffusion`; the restricted-domain metric is the
+denoising MSE on held-out images over a fixed timestep grid with fixed noise (lower = better
+for the attacker), measured for the original domain too. Also here: the diffusion attack suite,
+DDPM sampling into PNG grids, and the "human" metric, the fraction of generated samples a judge
+classifier recognises as restricted classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sophon_ray import card as cardlib
+from sophon_ray import jobs
+from sophon_ray.config import PipelineConfig, Recipe, to_dict
+from sophon_ray.errors import UserError
+
+Log = Callable[[str], None]
+R = Recipe
+
+# 15 recipes for UNets: 6 optimizers at several lrs, strategies all / up / down, batch 16 and 32.
+SUITE_DIFFUSION_V1: tuple[Recipe, ...] = (
+    R("all", "sgd", 1e-2, 16),
+    R("all", "sgd", 1e-1, 16),
+    R("all", "momentum", 1e-2, 16),
+    R("all", "adam", 1e-4, 16),
+    R("all", "adam", 1e-3, 16),
+    R("all", "adam", 1e-3, 32),
+    R("all", "adam", 3e-3, 16, schedule="warmup"),
+    R("all", "adamw", 1e-3, 16, weight_decay=1e-2, schedule="cosine"),
+    R("all", "rmsprop", 1e-4, 16),
+    R("all", "adagrad", 1e-2, 16),
+    R("up", "adam", 1e-3, 16),
+    R("up", "momentum", 1e-2, 16),
+    R("down", "adam", 1e-3, 16),
+    R("down", "momentum", 1e-2, 16),
+    R("all", "nesterov", 3e-2, 16, schedule="cosine"),
+)
+SUITES_DIFFUSION: dict[str, tuple[Recipe, ...]] = {"diffusion-v1": SUITE_DIFFUSION_V1}
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Generation-mode settings (read as `cfg.diffusion` when PipelineConfig has that field).
+
+    t_range: [lo, hi) timesteps drawn for FTS, NTR, pretraining and attacks (None = whole schedule).
+    eval_timesteps / eval_seed: the fixed evaluation grid and noise seed of the denoising MSE.
+    sample_steps / samples / sample_seed: DDPM sampling for grids and the judge metric.
+    """
+
+    t_range: tuple[int, int] | None = None
+    eval_timesteps: int = 10
+    eval_seed: int = 0
+    sample_steps: int = 50
+    samples: int = 64
+    sample_seed: int = 0
+
+
+def settings(cfg: PipelineConfig) -> DiffusionConfig:
+    """`cfg.diffusion` if the config carries it, else the defaults."""
+    return getattr(cfg, "diffusion", None) or DiffusionConfig()
+
+
+# -- data and models --------------------------------------------------------------------
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Raise UserError for a diffusion pipeline whose image size the UNet cannot take."""
+    from sophon_ray.models import downsample_factor
+
+    if cfg.kind != "diffusion":
+        raise UserError(f"pipeline {cfg.name!r} has kind {cfg.kind!r}; the diffusion jobs need kind=diffusion")
+    factor = downsample_factor(cfg.arch)
+    if cfg.input.size % factor:
+        raise UserError(
+            f"image size {cfg.input.size} is not divisible by the UNet's down-sampling factor {factor} "
+            f"({cfg.arch.name}); use input.size=<multiple of {factor}>"
+        )
+
+
+def load_tensors(cfg: PipelineConfig) -> jobs.Tensors:
+    """Original and restricted images preprocessed per `cfg.input`. Unlike classification, the two
+    label spaces may differ (labels are unused); `num_classes` is the original domain's."""
+    from sophon_ray.data import load_domain, preprocess
+
+    check_inputs(cfg)
+    if len(cfg.restricted) != 1:
+        raise UserError("this version protects against exactly one restricted domain; set restricted to a 1-tuple")
+    orig, restr = load_domain(cfg.original), load_domain(cfg.restricted[0])
+    return jobs.Tensors(
+        original_train=preprocess(orig.train, cfg.input), original_test=preprocess(orig.test, cfg.input),
+        restricted_train=preprocess(restr.train, cfg.input), restricted_test=preprocess(restr.test, cfg.input),
+        num_classes=orig.num_classes, names={"original": orig.name, "restricted": [restr.name]},
+    )
+
+
+def new_model(cfg: PipelineConfig, seed: int) -> tuple[torch.nn.Module, Any]:
+    """A seeded random UNet of the pipeline's architecture and its DDPM scheduler."""
+    from sophon_ray.models import build_diffusion
+
+    torch.manual_seed(seed)
+    return build_diffusion(cfg.arch, cfg.input.channels, cfg.input.size)
+
+
+def scheduler(cfg: PipelineConfig) -> Any:
+    """The pipeline's DDPM scheduler (diffusers `DDPMScheduler`)."""
+    return new_model(cfg, 0)[1]
+
+
+def load_for(cfg: PipelineConfig, source: str | Path, t: jobs.Tensors) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a diffusion model directory and refuse one that does not fit the pipeline's data."""
+    from sophon_ray.core.diffusion import check_images
+    from sophon_ray.models import downsample_factor
+
+    model, card = cardlib.load_model(source)
+    got, want = int(card["input"]["channels"]), cfg.input.channels
+    if card["kind"] == "diffusion" and got != want:
+        raise UserError(f"model {source} takes {got}-channel images but pipeline {cfg.name!r} has {want} "
+                        f"(input.channels); pass a model made for this data or --set input.channels={got}")
+    jobs.check_compatible(card, cfg, t.num_classes, str(source))
+    check_images(t.restricted_test[0][:1], model.config.in_channels, downsample_factor(cfg.arch), f"pipeline {cfg.name}")
+    return model, card
+
+
+def objective(cfg: PipelineConfig, alphas_cumprod: torch.Tensor):
+    """The `DiffusionObjective` of the pipeline (suppression loss `cfg.protect.loss`)."""
+    from sophon_ray.core.diffusion import DiffusionObjective
+    from sophon_ray.core.losses import get_loss
+
+    return DiffusionObjective(get_loss(cfg.protect.loss, "diffusion"), alphas_cumprod, settings(cfg).t_range)
+
+
+def mse(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, alphas_cumprod: torch.Tensor) -> float:
+    """Denoising MSE of `model` on images `x` over the pipeline's fixed grid and noise seed."""
+    from sophon_ray.core.diffusion import denoising_mse, eval_timesteps
+
+    s = settings(cfg)
+    grid = eval_timesteps(len(alphas_cumprod), s.eval_timesteps)
+    return denoising_mse(model, x, alphas_cumprod, grid, s.eval_seed, cfg.attack.eval_batch)
+
+
+def source_metric(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors) -> float:
+    """The guard's reference value: original-domain test MSE of the (unprotected) model."""
+    return mse(cfg, model, t.original_test[0], scheduler(cfg).alphas_cumprod)
+
+
+# -- pretrain / protect -------------------------------------------------------------------
+
+
+def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print) -> Path:
+    """Train the unprotected source UNet on the original domain (ε-prediction MSE, AdamW + cosine)."""
+    t = load_tensors(cfg)
+    p = cfg.pretrain
+    model, sched = new_model(cfg, p.seed)
+    obj = objective(cfg, sched.alphas_cumprod)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
+    g = torch.Generator().manual_seed(p.seed)
+    x = t.original_train[0]
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, p.steps + 1):
+        idx = torch.randint(len(x), (p.batch_size,), generator=g)
+        loss = obj.train_loss(model, obj.make_batch((x[idx],), g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        if step % max(p.steps // 5, 1) == 0 or step == p.steps:
+            log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
+    orig = mse(cfg, model, t.original_test[0], sched.alphas_cumprod)
+    restr = mse(cfg, model, t.restricted_test[0], sched.alphas_cumprod)
+    metrics = {"original_test_mse": orig, "restricted_test_mse": restr, "seconds": round(time.perf_counter() - start, 2)}
+    log(f"pretrain done: original test MSE {orig:.4f}, restricted test MSE {restr:.4f}")
+    card = jobs.make_card(cfg, t, "source", {"config": to_dict(cfg.pretrain)})
+    return cardlib.save_model_dir(out, model, card, metrics)
+
+
+def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors, source_mse: float, **dist: Any):
+    """The core `Protection` for a diffusion pipeline (shared by local and Ray Train runs).
+
+    The guard passes while the original test MSE <= source_mse * (1 + protect.guard_margin).
+    """
+    from sophon_ray.core import Protection, ProtectData
+
+    alphas = scheduler(cfg).alphas_cumprod
+    obj = objective(cfg, alphas)
+    data = ProtectData(original=t.original_train, restricted=t.restricted_train)
+    return Protection(
+        model, cfg.protect, data, obj,
+        evaluate_original=lambda: mse(cfg, model, t.original_test[0], alphas),
+        source_value=source_mse, higher_is_better=False, head_keys=(), make_batch=obj.make_batch, **dist,
+    )
+
+
+def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print) -> Path:
+    """Run SOPHON in-process on a source UNet and write the protected model directory."""
+    from sophon_ray.core import run
+    from sophon_ray.core.protect import validate_config
+
+    validate_config(cfg.protect, cfg.kind)
+    t = load_tensors(cfg)
+    model, src_card = load_for(cfg, source, t)
+    source_mse = source_metric(cfg, model, t)
+    prot = build_protection(cfg, model, t, source_mse)
+    start = time.perf_counter()
+    every = max(cfg.protect.iterations // 10, 1)
+
+    def progress(it: int, m: dict[str, float]) -> None:
+        if it % every == 0 or it == cfg.protect.iterations:
+            orig = f" orig_mse {m['orig_metric']:.4f}" if "orig_metric" in m else ""
+            fts = f" fts_loss {m['fts_loss']:.4f} sim_mse {m['sim_metric']:.4f}" if "fts_loss" in m else ""
+            ntr = f" ntr_loss {m['ntr_loss']:.4f}" if "ntr_loss" in m else ""
+            log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - start:.1f}s)")
+
+    run(prot, progress)
+    orig = mse(cfg, model, t.original_test[0], prot.objective.alphas_cumprod)
+    restr = mse(cfg, model, t.restricted_test[0], prot.objective.alphas_cumprod)
+    metrics = {
+        "original_test_mse": orig, "source_original_test_mse": source_mse, "restricted_test_mse": restr,
+        "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect)}
+    log(f"protect done: original test MSE {orig:.4f} (source {source_mse:.4f}), {prot.guard.rollbacks} guard rollbacks")
+    return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
+
+
+# -- attacks --------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackResult:
+    """One real fine-tuning run: restricted and original test MSE per budget, the final model."""
+
+    restricted: dict[int, float]
+    original: dict[int, float]
+    model: torch.nn.Module
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Refuse classifier strategies for a UNet (they need a head)."""
+    from sophon_ray.core.attack import DIFFUSION_STRATEGIES, validate_recipe as validate
+
+    validate(recipe)
+    if recipe.strategy not in DIFFUSION_STRATEGIES:
+        raise UserError(f"strategy {recipe.strategy!r} is for classifiers; a diffusion model takes "
+                        f"strategy={'|'.join(DIFFUSION_STRATEGIES)} (e.g. --recipe strategy=all,optimizer=adam,lr=1e-3)")
+
+
+def attack_run(
+    cfg: PipelineConfig, model_src: str | Path | None, recipe: Recipe, seed: int = 0,
+    t: jobs.Tensors | None = None, track_original: bool = True,
+) -> AttackResult:
+    """Fine-tune a subject on the restricted training images; `model_src=None` is a scratch UNet
+    (seeded 10000 + seed). Noise/timesteps of the attack are drawn from a generator seeded by `seed`."""
+    from sophon_ray.core import finetune
+
+    validate_recipe(recipe)
+    t = t or load_tensors(cfg)
+    alphas = scheduler(cfg).alphas_cumprod
+    model = new_model(cfg, 10_000 + seed)[0] if model_src is None else load_for(cfg, model_src, t)[0]
+    obj = objective(cfg, alphas)
+    torch.manual_seed(seed)
+    original: dict[int, float] = {}
+
+    def on_budget(steps: int, _: float) -> None:
+        if track_original:
+            original[steps] = mse(cfg, model, t.original_test[0], alphas)
+
+    curve = finetune(
+        model, recipe, (t.restricted_train[0],), cfg.attack.budgets,
+        evaluate=lambda m: mse(cfg, m, t.restricted_test[0], alphas), head_keys=(), seed=seed,
+        loss_fn=obj.loss_fn(torch.Generator().manual_seed(7919 * seed + 17)), on_budget=on_budget,
+    )
+    return AttackResult(curve, original, model)
+
+
+def attack(
+    cfg: PipelineConfig, model_src: str | Path | None, recipe: Recipe, seed: int = 0, t: jobs.Tensors | None = None,
+) -> dict[int, float]:
+    """One real fine-tuning run; returns the restricted test MSE at each of `cfg.attack.budgets`."""
+    return attack_run(cfg, model_src, recipe, seed, t, track_original=False).restricted
+
+
+def get_suite(name: str) -> tuple[Recipe, ...]:
+    """A named diffusion attack suite (`diffusion-v1`)."""
+    if name not in SUITES_DIFFUSION:
+        raise UserError(f"unknown diffusion attack suite {name!r}; use one of: {', '.join(SUITES_DIFFUSION)}")
+    return SUITES_DIFFUSION[name]
+
+
+def compare(
+    cfg: PipelineConfig, subjects: dict[str, Any], recipes: tuple[Recipe, ...], seeds: tuple[int, ...] = (0,),
+    log: Log = print, t: jobs.Tensors | None = None,
+) -> list[dict[str, Any]]:
+    """Every (subject, recipe, seed) attack in process; `subjects` maps name -> model dir (None = scratch).
+
+    Returns audit-style trial dicts (id, subject, recipe, seed, status, curve) plus `original_curve`.
+    """
+    from sophon_ray.audit.suites import recipe_label
+
+    t = t or load_tensors(cfg)
+    trials, start = [], time.perf_counter()
+    plan = [(s, i, r, seed) for i, r in enumerate(recipes) for seed in seeds for s in subjects]
+    for n, (subject, i, recipe, seed) in enumerate(plan, 1):
+        res = attack_run(cfg, subjects[subject], recipe, seed, t)
+        trials.append({
+            "id": f"{subject}-r{i:02d}-s{seed}", "subject": subject, "recipe": dataclasses.asdict(recipe), "seed": seed,
+            "status": "ok", "curve": {str(k): v for k, v in res.restricted.items()},
+            "original_curve": {str(k): v for k, v in res.original.items()},
+        })
+        last = res.restricted[max(res.restricted)]
+        log(f"attack {n}/{len(plan)} {subject:9s} {recipe_label(recipe):36s} -> restricted MSE {last:.4f} "
+            f"({time.perf_counter() - start:.0f}s)")
+    return trials
+
+
+# -- samples and the judge ------------------------------------------------------------------
+
+
+def generate(cfg: PipelineConfig, model: torch.nn.Module) -> torch.Tensor:
+    """`diffusion.samples` DDPM samples (fixed seed, `diffusion.sample_steps` steps), (n, C, S, S)."""
+    from sophon_ray.core.diffusion import sample
+
+    s = settings(cfg)
+    shape = (cfg.input.channels, cfg.input.size, cfg.input.size)
+    return sample(model, scheduler(cfg), s.samples, shape, s.sample_steps, s.sample_seed)
+
+
+def save_grid(cfg: PipelineConfig, images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
+    """Write normalised images (N, C, S, S) as a PNG grid (pixels de-normalised with input.mean/std)."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    mean = torch.tensor(cfg.input.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.input.std).view(1, -1, 1, 1)
+    x = (images * std + mean).clamp(0, 1)  # (N, C, S, S) in [0, 1]
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
+    return path
+
+
+def judge(judge_cfg: PipelineConfig, out: str | Path, log: Log = print) -> torch.nn.Module:
+    """The judge classifier of a pipeline (a classification config), trained once and cached in `out`."""
+    out = Path(out)
+    try:
+        return cardlib.load_model(out)[0]
+    except UserError:
+        log(f"training the judge classifier into {out}")
+        return cardlib.load_model(jobs.pretrain(judge_cfg, out, log=log))[0]
+
+
+def recognised(cfg: PipelineConfig, judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...]) -> float:
+    """Fraction of `samples` the judge labels as one of `classes` (e.g. the restricted digits)."""
+    from sophon_ray.core.diffusion import class_fraction
+
+    return class_fraction(judge_model, samples, classes)
