@@ -51,30 +51,28 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs
+    from sophon_ray import jobs, tracked
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    out = jobs.pretrain(cfg, _out(args, "source"), log=_log)
+    out = tracked.pretrain(cfg, _out(args, "source"), log=_log)
     print(out)
     return 0
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs
+    from sophon_ray import jobs, tracked
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
     if args.workers < 0:
         raise UserError("--workers must be >= 0 (0 = in-process)")
-    if args.workers == 0 or args.local:
-        out = jobs.protect(cfg, args.source, _out(args, "protected"), log=_log)
-    else:
-        from sophon_ray.train.driver import protect_distributed
-
-        out = protect_distributed(
-            cfg, args.source, _out(args, "protected"), workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address, storage_path=args.storage_path,
-            resume=args.resume, verbose=args.verbose, log=_log,
-        )
+    workers = 0 if args.local else args.workers
+    extra = {}
+    if workers:
+        extra = dict(gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                     ray_address=args.ray_address, storage_path=args.storage_path, resume=args.resume,
+                     verbose=args.verbose)
+    out, _ = tracked.protect(cfg, args.source, _out(args, "protected"), log=_log, model_name=args.model_name,
+                             workers=workers, **extra)
     print(out)
     return 0
 
@@ -107,45 +105,67 @@ def _budgets(text: str | None) -> tuple[int, ...] | None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs
-    from sophon_ray.audit.driver import run_audit
+    from sophon_ray import jobs, tracked
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    result = run_audit(
-        cfg, args.model, out=_out(args, "audit"), suite=args.suite, search=args.search,
+    result = tracked.audit(
+        cfg, args.model, _out(args, "audit"), _log, suite=args.suite, search=args.search,
         budgets=_budgets(args.budgets), concurrency=args.concurrency, seeds=args.seeds,
-        epsilon=args.epsilon, ray_address=args.ray_address, log=_log,
+        epsilon=args.epsilon, ray_address=args.ray_address,
     )
     return 1 if args.strict and not result["verdict"]["passed"] else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sophon_ray import jobs
-    from sophon_ray.audit.local import compare, table
-    from sophon_ray.audit.suites import get_suite
-    from sophon_ray.audit.verdict import verdict, worst_case
-    from sophon_ray.card import write_json_atomic
+    from sophon_ray.audit.local import table
+    from sophon_ray.tracking import resolve_uri
+    from sophon_ray.workflow import run_pipeline
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    recipes = get_suite(args.suite)
     root = Path(args.out) if args.out else Path("out") / cfg.name
-    source = jobs.pretrain(cfg, root / "source", log=_log)
-    protected = jobs.protect(cfg, source, root / "protected", log=_log)
-    trials = compare(cfg, {"protected": protected, "scratch": None, "original": source}, recipes, log=_log)
-    worst = worst_case(trials, "max")
-    result = verdict(worst, args.epsilon, "max")
-    metrics = json.loads((protected / "metrics.json").read_text())
-    write_json_atomic(root / "comparison.json", {
-        "pipeline": cfg.name, "suite": args.suite, "budgets": list(cfg.attack.budgets), "trials": trials,
-        "worst_case": worst, "verdict": result, "protected_metrics": metrics,
-    })
-    print(f"\nBest restricted test accuracy an attacker reached ({len(recipes)} recipes, suite {args.suite}):")
-    print(table(worst, cfg.attack.budgets))
+    summary = run_pipeline(
+        cfg, root, workers=args.workers, suite=None if args.search else args.suite, search=args.search,
+        seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
+        ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
+        verbose=args.verbose, log=_log,
+    )
+    audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
+    print(f"\nBest restricted test {audit['metric']} an attacker reached (worst case over all recipes):")
+    print(table(audit["worst_case"], tuple(audit["budgets"])))
     print(f"\noriginal-domain test accuracy: source {metrics['source_original_test_accuracy']:.3f}, "
           f"protected {metrics['original_test_accuracy']:.3f}")
-    status = "PASSED" if result["passed"] else "FAILED"
-    print(f"verdict: {status} (margin {result['margin']:+.3f} vs epsilon {args.epsilon})  -> {root / 'comparison.json'}")
-    return 1 if args.strict and not result["passed"] else 0
+    margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
+    print(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
+          f"{v['failed_trials']} failed trials)")
+    times = "  ".join(f"{k} {t:.0f}s" for k, t in summary["times"].items())
+    print(f"stages: {times}  total {summary['wall']:.0f}s")
+    print(f"report: {summary['paths']['audit'] / 'report.html'}")
+    uri = resolve_uri(None)
+    if uri.startswith("sqlite:///"):
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"
+        print(f"look at it: mlflow ui --backend-store-uri {uri} --artifacts-destination {artifacts} --host 127.0.0.1")
+    else:
+        print(f"look at it: {uri}")
+    return 1 if args.strict and not v["passed"] else 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from sophon_ray import tracking
+
+    if args.action == "list":
+        print(tracking.format_table(tracking.list_models()))
+    elif args.action == "show":
+        if not args.ref:
+            raise UserError("registry show needs NAME, NAME@ALIAS or NAME/VERSION")
+        print(tracking.format_table(tracking.version_rows(tracking.show(args.ref[0]))))
+    else:
+        if len(args.ref) != 3:
+            raise UserError("registry promote needs NAME VERSION ALIAS")
+        name, version, alias = args.ref
+        tracking.promote(name, version, alias)
+        print(f"{name} version {version} -> alias {alias}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="in-process (same as --workers 0)")
     p.add_argument("--resume", action="store_true", help="continue a stopped Ray Train run from its last checkpoint")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
+    p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
     _common(p)
     p.set_defaults(func=cmd_protect)
 
@@ -195,13 +216,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("run", help="pretrain -> protect -> attack comparison -> summary")
+    p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
-    p.add_argument("--suite", default="quick-v1")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--suite", default="quick-v1", help="attack suite for the audit (default quick-v1)")
+    group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
+    p.add_argument("--seeds", type=int, default=2, help="seeds for re-running the best recipes")
+    p.add_argument("--concurrency", type=int, default=None, help="max concurrent audit trials")
     p.add_argument("--epsilon", type=float, default=0.02, help="allowed attacker advantage over scratch")
+    p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
+    p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the verdict fails")
     _common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("registry", help="MLflow model registry: list | show NAME[@ALIAS] | promote NAME VERSION ALIAS")
+    p.add_argument("action", choices=["list", "show", "promote"])
+    p.add_argument("ref", nargs="*")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    p.set_defaults(func=cmd_registry)
+
     return parser
 
 

@@ -130,8 +130,10 @@ class PipelineConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-able dict of a config dataclass (tuples become lists)."""
+def to_dict(cfg: Any) -> Any:
+    """A JSON-able dict of a config dataclass (tuples become lists; tuples of configs become lists)."""
+    if isinstance(cfg, tuple):
+        return [to_dict(c) for c in cfg]
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -148,8 +150,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_hash(cfg: Any, n: int = 8) -> str:
-    """Short stable hash of a config, for deterministic run names."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    """Short stable hash of a config (or a tuple of configs), for deterministic run names."""
+    obj = [to_dict(c) for c in cfg] if isinstance(cfg, tuple) and not dataclasses.is_dataclass(cfg) else to_dict(cfg)
+    blob = json.dumps(obj, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from sophon_ray import card as cardlib
-from sophon_ray.config import PipelineConfig, Recipe, apply_overrides, to_dict
+from sophon_ray.config import PipelineConfig, Recipe, apply_overrides, config_hash, to_dict
 from sophon_ray.errors import UserError
 
 Log = Callable[[str], None]
@@ -112,8 +112,18 @@ def eval_batch(cfg: PipelineConfig) -> int:
     return cfg.attack.eval_batch
 
 
-def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print) -> Path:
-    """Train the unprotected source model on the original domain and write its model directory."""
+Metrics = Callable[[int, dict[str, float]], None]
+
+
+def _no_metrics(step: int, metrics: dict[str, float]) -> None:
+    return None
+
+
+def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print, on_metrics: Metrics = _no_metrics) -> Path:
+    """Train the unprotected source model on the original domain and write its model directory.
+
+    `on_metrics(step, metrics)` receives the training loss every 10 steps (e.g. for MLflow).
+    """
     from sophon_ray.core import accuracy
 
     t = load_tensors(cfg)
@@ -132,12 +142,14 @@ def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print) -> Path:
         loss.backward()
         opt.step()
         sched.step()
+        if step % 10 == 0 or step == p.steps:
+            on_metrics(step, {"train_loss": loss.item()})
         if step % max(p.steps // 5, 1) == 0 or step == p.steps:
             log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
     acc = accuracy(model, *t.original_test, batch_size=eval_batch(cfg))
     metrics = {"original_test_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}
     log(f"pretrain done: original test accuracy {acc:.4f}")
-    card = make_card(cfg, t, "source", {"config": to_dict(cfg.pretrain)})
+    card = make_card(cfg, t, "source", {"config": to_dict(cfg.pretrain), "stage_hash": source_stage_hash(cfg)})
     return cardlib.save_model_dir(out, model, card, metrics)
 
 
@@ -160,8 +172,22 @@ def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, so
     )
 
 
-def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print) -> Path:
-    """Run SOPHON in-process on `source` and write the protected model directory."""
+def source_stage_hash(cfg: PipelineConfig) -> str:
+    """What determines the source model: data, input, architecture and pre-training config."""
+    return config_hash((cfg.input, cfg.original, cfg.restricted, cfg.arch, cfg.pretrain))
+
+
+def protect_stage_hash(cfg: PipelineConfig, source_sha: str, workers: int) -> str:
+    """What determines a protected model: the protect config, the data, the source and the worker count."""
+    return config_hash((cfg.protect, cfg.input, cfg.restricted)) + f"-{source_sha[:8]}-w{workers}"
+
+
+def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print,
+            on_metrics: Metrics = _no_metrics) -> Path:
+    """Run SOPHON in-process on `source` and write the protected model directory.
+
+    `on_metrics(iteration, metrics)` receives every outer iteration's metrics.
+    """
     from sophon_ray.core import accuracy, run
     from sophon_ray.core.protect import validate_config
 
@@ -174,6 +200,7 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log =
     every = max(cfg.protect.iterations // 10, 1)
 
     def progress(it: int, m: dict[str, float]) -> None:
+        on_metrics(it, m)
         if it % every == 0 or it == cfg.protect.iterations:
             orig = f" orig_acc {m['orig_metric']:.3f}" if "orig_metric" in m else ""
             log(
@@ -190,7 +217,8 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log =
         "iterations": prot.iteration,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect)}
+    lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect),
+               "stage_hash": protect_stage_hash(cfg, src_card["sha256"], 0)}
     log(f"protect done: original test accuracy {acc:.4f} (source {source_acc:.4f}), {prot.guard.rollbacks} guard rollbacks")
     return cardlib.save_model_dir(out, model, make_card(cfg, t, "protected", lineage), metrics)
 

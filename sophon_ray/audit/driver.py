@@ -142,6 +142,8 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
             raise UserError(f"--concurrency {concurrency} exceeds this machine's {cpus} CPUs; pass at most {cpus}")
     started = not ray.is_initialized()
     if started:
+        if local:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # our own local head: no token warning
         ray.init(address=ray_address or None, include_dashboard=False, num_cpus=(os.cpu_count() if local else None),
                  logging_level=logging.WARNING, log_to_driver=False)
     cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -254,12 +256,13 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
 
 
 def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: Log) -> None:
+    """The closing lines: worst-case table, top protected recipes, verdict."""
     from sophon_ray.audit.local import table
 
     v = audit["verdict"]
     log(f"\nBest restricted test accuracy an attacker reached ({planner.n_explore} recipes + re-runs, {wall:.0f}s):")
     log(table(audit["worst_case"], tuple(audit["budgets"])))
-    for index, value in planner.ranking("protected")[:TOP_K]:
+    for index, value in planner.ranking("protected")[:3]:
         log(f"  top protected recipe r{index:02d} best {value:.3f}: {recipe_label(planner.recipes[index])}")
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
     log(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
@@ -268,7 +271,7 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
 
 def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
               epsilon=0.02, ray_address=None, log=print, callbacks=None, fault_trial=None,
-              cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0) -> dict:
+              cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K) -> dict:
     """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
 
     Args:
@@ -281,6 +284,7 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         log: one line at a time; callbacks: extra Tune callbacks (e.g. tracking).
         fault_trial: test-only failure injection (see the module docstring).
         cpus_per_trial, gpus_per_trial: resources of each trial (fractions allowed).
+        top_k: best recipes (by protected, and by scratch) re-run with `seeds` seeds.
     Returns:
         The audit.json dict.
     """
@@ -297,7 +301,7 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
         inner = optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search) if search is not None else None
         planner = AuditPlanner(subjects, recipes=plan.recipes, inner=inner, n_search=search or 0, seeds=seeds,
-                               top_k=TOP_K, fault=plan.fault)
+                               top_k=top_k, fault=plan.fault)
         out = Path(out)
         log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
             f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")

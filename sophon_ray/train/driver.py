@@ -108,7 +108,8 @@ def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path) -> None:
     (run_dir / "data" / "names.json").write_text(json.dumps(names))
 
 
-def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[[str], None]) -> None:
+def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[[str], None],
+                   on_metrics: Callable[[int, dict[str, float]], None]) -> None:
     seen = 0
     while True:
         final = stop.is_set()  # read once more after the run ended, so no line is lost
@@ -116,6 +117,7 @@ def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[
             lines = path.read_text().splitlines()
             for line in lines[seen:]:
                 m = json.loads(line)
+                on_metrics(int(m["iteration"]), m)
                 orig = f" orig_acc {m['orig_metric']:.3f}" if "orig_metric" in m else ""
                 log(f"protect {m['iteration']}/{total} fts_loss {m['fts_loss']:.3f} sim_acc {m['sim_metric']:.3f} "
                     f"ntr_loss {m['ntr_loss']:.3f}{orig} ({m['seconds']:.1f}s, {m['world']} workers)")
@@ -141,6 +143,7 @@ def protect_distributed(
     fault: dict[str, int] | None = None,
     verbose: bool = False,
     log: Callable[[str], None] = print,
+    on_metrics: Callable[[int, dict[str, float]], None] = lambda step, m: None,
 ) -> Path:
     """Run SOPHON protection on `workers` Ray Train workers and write the protected model dir.
 
@@ -154,6 +157,7 @@ def protect_distributed(
         checkpoint_every, report_every: iteration cadences (defaults: iterations/10, /20).
         max_failures: worker-failure restarts from the last checkpoint.
         fault: test-only fault injection {"iteration": i, "rank": r}: that worker exits once.
+        on_metrics: receives (iteration, metrics) for every report, on the driver (for MLflow).
     Returns:
         The protected model directory.
     """
@@ -208,7 +212,7 @@ def protect_distributed(
         )
         log(f"protect on Ray Train: {workers} worker(s), run {name}, storage {storage}")
         stop = threading.Event()
-        tail = threading.Thread(target=_tail_progress, args=(run_dir / "progress.jsonl", iters, stop, log), daemon=True)
+        tail = threading.Thread(target=_tail_progress, args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics), daemon=True)
         tail.start()
         start = time.perf_counter()
         try:
@@ -231,7 +235,8 @@ def protect_distributed(
             "seconds": round(time.perf_counter() - start, 2), "ray_run": name,
         }
         lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]},
-                   "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers}}
+                   "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers},
+                   "stage_hash": jobs.protect_stage_hash(cfg, src_card["sha256"], workers)}
         log(f"protect done: original test accuracy {acc:.4f} (source {source_acc:.4f}), iterations {prot.iteration}")
         return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
     finally:

@@ -1,0 +1,130 @@
+"""Audit throughput: trials per minute at concurrency 1 vs 2, and per-trial overhead with actor reuse.
+
+Runs the real `run_audit` (planner, Tune function trainable, reuse_actors=True) on digits with
+tiny trials (smoke models, budgets 5,10) and exactly 32 trials per run: suite quick-v1 (16
+recipes) x 2 subjects (protected, scratch; the source model is removed so there is no
+"original" baseline) and no re-runs (top_k=0). Ray is started once (num_cpus = this
+machine's CPUs) and both runs share it.
+
+Measured per run, from a Tune callback in the driver:
+- wall: from the Tuner's start (callback `setup`) to the last trial's completion;
+- compute: the sum over trials of `compute_s`, the seconds each trial spent fine-tuning and
+  evaluating, measured inside the trial;
+- rate = trials / wall (per minute); efficiency = rate(C=2) / (2 x rate(C=1));
+- overhead per trial = (C x wall - compute) / trials: the slot time a trial costs beyond its
+  own compute (actor start/reuse, data and model loading, scheduling, reports). At C=1 this
+  is exactly (wall - compute) / trials.
+
+Usage:
+    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 1]
+
+Prints a table, then (last line of stdout) one JSON object with every number; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_EFFICIENCY = 0.85
+TARGET_OVERHEAD_S = 0.5
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_model(root: Path) -> Path:
+    """Smoke source + protected models; the source is then removed (no 'original' subject)."""
+    from sophon_ray.cli import main
+
+    fast = ["--smoke", "--set", "pretrain.steps=30", "--set", "protect.iterations=3"]
+    assert main(["pretrain", "digits", *fast, "--out", str(root / "source")]) == 0
+    assert main(["protect", "digits", *fast, "--source", str(root / "source"), "--out", str(root / "protected")]) == 0
+    shutil.rmtree(root / "source")
+    return root / "protected"
+
+
+def _recorder():
+    from ray import tune
+
+    class Recorder(tune.Callback):
+        def setup(self, **info):
+            self.start, self.end, self.compute, self.n = time.perf_counter(), None, 0.0, 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.end = time.perf_counter()
+            self.compute += float((trial.last_result or {}).get("compute_s", 0.0))
+            self.n += 1
+
+    return Recorder()
+
+
+def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path) -> dict:
+    from sophon_ray import jobs
+    from sophon_ray.audit.driver import run_audit
+
+    cfg = jobs.get_pipeline("digits", smoke=True)
+    rec = _recorder()
+    audit = run_audit(cfg, str(model), out=out, suite="quick-v1", budgets=budgets, concurrency=concurrency,
+                      seeds=1, top_k=0, log=lambda m: None, callbacks=[rec])
+    trials = len(audit["trials"])
+    assert trials == rec.n and all(t["status"] == "ok" for t in audit["trials"]), "every trial must succeed"
+    wall = rec.end - rec.start
+    return {
+        "concurrency": concurrency, "trials": trials, "wall_s": round(wall, 2), "compute_s": round(rec.compute, 2),
+        "trials_per_min": round(60.0 * trials / wall, 2),
+        "overhead_per_trial_s": round((concurrency * wall - rec.compute) / trials, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials-budgets", default="5,10", help="step budgets of each trial")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per concurrency (best rate kept)")
+    args = ap.parse_args()
+    budgets = tuple(int(b) for b in args.trials_budgets.split(","))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="audit-bench-"))
+    try:
+        model = make_model(root)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        runs = []
+        for rep in range(args.repeats):
+            for c in (1, 2):
+                _err(f"run {rep + 1}/{args.repeats}, concurrency {c} ...")
+                runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}"))
+                _err(f"  {runs[-1]}")
+        ray.shutdown()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    best = {c: max((r for r in runs if r["concurrency"] == c), key=lambda r: r["trials_per_min"]) for c in (1, 2)}
+    eff = best[2]["trials_per_min"] / (2 * best[1]["trials_per_min"])
+    load = os.getloadavg()
+    print(f"{'concurrency':>11} {'trials':>6} {'wall s':>7} {'compute s':>9} {'trials/min':>10} {'overhead s/trial':>16}")
+    for c in (1, 2):
+        r = best[c]
+        print(f"{c:>11} {r['trials']:>6} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} {r['trials_per_min']:>10.1f} "
+              f"{r['overhead_per_trial_s']:>16.3f}")
+    print(f"parallel efficiency {eff:.1%} (target >= {TARGET_EFFICIENCY:.0%}); overhead at C=1 "
+          f"{best[1]['overhead_per_trial_s']:.3f} s/trial (target < {TARGET_OVERHEAD_S} s); load average {load[0]:.1f}")
+    print(json.dumps({
+        "benchmark": "audit_throughput", "budgets": list(budgets), "runs": runs, "parallel_efficiency": round(eff, 3),
+        "overhead_per_trial_s": best[1]["overhead_per_trial_s"], "targets": {"efficiency": TARGET_EFFICIENCY,
+        "overhead_s": TARGET_OVERHEAD_S}, "cpus": os.cpu_count(), "load_average_1m": round(load[0], 2),
+        "python": platform.python_version(), "machine": platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

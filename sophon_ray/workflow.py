@@ -1,0 +1,102 @@
+"""`sophon-ray run`: pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report.
+
+Resumable stage by stage: a stage whose output exists and was made from the same config (and
+the same input model) is skipped, so re-running after a failure or Ctrl-C continues where it
+stopped. One Ray instance serves protection and the audit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sophon_ray import jobs, tracked
+from sophon_ray.card import read_card, write_json_atomic
+from sophon_ray.config import PipelineConfig, config_hash
+
+Log = Callable[[str], None]
+
+
+def _card_or_none(d: Path) -> dict[str, Any] | None:
+    try:
+        return read_card(d)
+    except Exception:
+        return None
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    root: Path,
+    *,
+    workers: int = 2,
+    suite: str | None = "quick-v1",
+    search: int | None = None,
+    seeds: int = 2,
+    concurrency: int | None = None,
+    epsilon: float = 0.02,
+    model_name: str | None = None,
+    ray_address: str | None = None,
+    storage_path: str | None = None,
+    gpus_per_worker: float = 0.0,
+    verbose: bool = False,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Run every stage (skipping those already done for this config); returns a summary dict."""
+    from sophon_ray import tracking
+    from sophon_ray.train.driver import init_ray
+
+    tracking.ensure_store()  # fail fast on an unreachable server, before any work
+    started = time.perf_counter()
+    times: dict[str, float] = {}
+    ray_started = init_ray(ray_address, verbose)
+    try:
+        t0 = time.perf_counter()
+        source = root / "source"
+        card = _card_or_none(source)
+        if card and card.get("lineage", {}).get("stage_hash") == jobs.source_stage_hash(cfg):
+            log(f"[1/3] pretrain: {source} is up to date, skipped")
+        else:
+            log("[1/3] pretrain the unprotected source model")
+            tracked.pretrain(cfg, source, log)
+        source_sha = read_card(source)["sha256"]
+        times["pretrain"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        protected = root / "protected"
+        stage = jobs.protect_stage_hash(cfg, source_sha, workers)
+        card = _card_or_none(protected)
+        version = None
+        if card and card.get("lineage", {}).get("stage_hash") == stage:
+            log(f"[2/3] protect: {protected} is up to date, skipped")
+        else:
+            log(f"[2/3] protect with SOPHON ({'in-process' if workers == 0 else f'{workers} Ray Train workers'})")
+            extra = {"ray_address": ray_address, "storage_path": storage_path, "verbose": verbose,
+                     "gpus_per_worker": gpus_per_worker} if workers else {}
+            _, version = tracked.protect(cfg, str(source), protected, log, model_name=model_name, workers=workers, **extra)
+        protected_sha = read_card(protected)["sha256"]
+        times["protect"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        audit_dir = root / "audit"
+        stage = config_hash((cfg.attack,)) + f"-{protected_sha[:8]}-{suite}-{search}-{seeds}-{epsilon}"
+        done = audit_dir / "stage.json"
+        if (audit_dir / "audit.json").exists() and done.exists() and json.loads(done.read_text()).get("stage") == stage:
+            log(f"[3/3] audit: {audit_dir / 'audit.json'} is up to date, skipped")
+            result = json.loads((audit_dir / "audit.json").read_text())
+        else:
+            log("[3/3] audit on Ray Tune: attacks on protected, scratch and original models")
+            result = tracked.audit(cfg, str(protected), audit_dir, log, model_name=model_name, version=version,
+                                   suite=suite, search=search, seeds=seeds, concurrency=concurrency, epsilon=epsilon,
+                                   ray_address=ray_address)
+            write_json_atomic(done, {"stage": stage})
+        times["audit"] = time.perf_counter() - t0
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    metrics = json.loads((protected / "metrics.json").read_text())
+    return {"audit": result, "metrics": metrics, "times": times, "wall": time.perf_counter() - started,
+            "paths": {"source": source, "protected": protected, "audit": audit_dir}}

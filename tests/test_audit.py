@@ -1,0 +1,165 @@
+"""The Ray Tune audit on real local Ray (no mocks): suite + baselines + report, retry and
+permanent failure accounting, search mode, bad input, and the pure planner/space/suite pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sophon_ray import jobs
+from sophon_ray.audit.space import AuditPlanner, attack_space, to_recipe
+from sophon_ray.audit.suites import DEFAULT_V1, QUICK_V1, SUITES, get_suite
+from sophon_ray.cli import main
+from sophon_ray.config import Recipe
+from sophon_ray.core.attack import OPTIMIZERS, STRATEGIES
+from sophon_ray.errors import UserError
+
+FAST = ["--smoke", "--set", "pretrain.steps=30", "--set", "protect.iterations=3"]
+TRIAL_KEYS = {"id", "subject", "recipe", "seed", "status", "curve"}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit-models")
+    assert main(["pretrain", "digits", *FAST, "--out", str(root / "source")]) == 0
+    assert main(["protect", "digits", *FAST, "--source", str(root / "source"), "--out", str(root / "protected")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return jobs.get_pipeline("digits", smoke=True)
+
+
+def _check_format(audit: dict, budgets: list[int]) -> None:
+    assert list(audit) == ["format", "model", "pipeline", "metric", "attacker_goal", "budgets", "trials",
+                           "worst_case", "verdict"]
+    assert audit["format"] == "sophon-ray/audit@1" and audit["pipeline"] == "digits"
+    assert set(audit["model"]) == {"uri", "sha256"} and len(audit["model"]["sha256"]) == 64
+    assert audit["metric"] == "accuracy" and audit["attacker_goal"] == "max" and audit["budgets"] == budgets
+    for t in audit["trials"]:
+        assert set(t) == TRIAL_KEYS and t["subject"] in ("protected", "scratch", "original")
+        assert t["status"] in ("ok", "failed") and Recipe(**t["recipe"])
+        if t["status"] == "ok":
+            assert list(t["curve"]) == [str(b) for b in budgets]
+            assert all(0.0 <= v <= 1.0 for v in t["curve"].values())
+    assert set(audit["verdict"]) == {"passed", "epsilon", "margin", "failed_trials"}
+    for curve in audit["worst_case"].values():
+        assert list(curve) == [str(b) for b in budgets]
+
+
+def test_suite_audit_with_baselines_retry_and_report(ray_local, models, cfg, tmp_path):
+    lines: list[str] = []
+    out = tmp_path / "audit"
+    audit = jobs_audit(cfg, models / "protected", out, lines, suite="test-v1", budgets=(5, 10), seeds=2,
+                       fault_trial="protected-r01-s0")
+    _check_format(audit, [5, 10])
+    assert json.loads((out / "audit.json").read_text()) == audit
+    assert set(audit["worst_case"]) == {"protected", "scratch", "original"}
+    explore = [t for t in audit["trials"] if t["seed"] == 0]
+    assert len(explore) == 4 * 3 and {t["subject"] for t in explore} == {"protected", "scratch", "original"}
+    reruns = [t for t in audit["trials"] if t["seed"] > 0]
+    assert reruns and {t["seed"] for t in reruns} == {1, 2}  # top recipes re-run with 2 fresh seeds
+    assert len(reruns) % 6 == 0 and len({json.dumps(t["recipe"]) for t in reruns}) <= 2  # top-1 by protected ∪ scratch
+    assert all(t["status"] == "ok" for t in audit["trials"]) and audit["verdict"]["failed_trials"] == 0
+    retried = next(t for t in audit["trials"] if t["id"] == "protected-r01-s0")
+    assert retried["status"] == "ok" and any("protected-r01-s0 failed, retrying" in x for x in lines)
+    assert any(x.startswith(f"audit {len(audit['trials'])}/{len(audit['trials'])} ") for x in lines)
+    for name in ("report.html", "curves.png", "scatter.png", "original.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / ".tune").is_dir() and not list(out.glob(".*tmp*"))
+
+
+def jobs_audit(cfg, model, out, lines, **kw):
+    from sophon_ray.audit.driver import run_audit
+
+    return run_audit(cfg, str(model), out=out, concurrency=2, log=lines.append, top_k=1, **kw)
+
+
+def test_search_with_permanent_failure_fails_verdict(ray_local, models, cfg, tmp_path):
+    lines: list[str] = []
+    audit = jobs_audit(cfg, models / "protected", tmp_path, lines, search=1, budgets=(5,), seeds=1,
+                       fault_trial=("protected-r00-s0", "always"))
+    _check_format(audit, [5])
+    failed = [t for t in audit["trials"] if t["status"] == "failed"]
+    assert [t["id"] for t in failed] == ["protected-r00-s0"] and failed[0]["curve"] == {}
+    assert audit["verdict"]["passed"] is False and audit["verdict"]["failed_trials"] >= 1
+    assert len(audit["trials"]) == 6  # 1 searched recipe x 3 subjects + its re-run with seed 1
+    assert (tmp_path / "search.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--suite", "nope-v9"], "unknown attack suite"),
+        (["--budgets", "50,25"], "increasing positive integers"),
+        (["--concurrency", "99"], "exceeds"),
+        (["--set", "input.size=8"], "does not match pipeline"),
+        (["--seeds", "0"], "--seeds"),
+        (["--search", "0"], "--search"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(ray_local, models, tmp_path, capsys, extra, needle):
+    out = tmp_path / "audit"
+    rc = main(["audit", "digits", "--smoke", "--model", str(models / "protected"), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and needle in err[-1] and err[-1].startswith("error:")
+    assert not out.exists()
+
+
+def test_bad_input_raises_user_error_before_ray(models, cfg, tmp_path):
+    from sophon_ray.audit.driver import run_audit
+
+    with pytest.raises(UserError, match="unknown attack suite"):
+        run_audit(cfg, str(models / "protected"), out=tmp_path, suite="nope")
+    with pytest.raises(UserError, match="both"):
+        run_audit(cfg, str(models / "protected"), out=tmp_path, suite="test-v1", search=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_suites_are_fixed_and_cover_the_space():
+    assert len(QUICK_V1) == 16 and get_suite("quick-v1") is QUICK_V1
+    assert len(DEFAULT_V1) >= 48 and len(set(DEFAULT_V1)) == len(DEFAULT_V1)
+    assert {r.strategy for r in DEFAULT_V1} == set(STRATEGIES) and {r.optimizer for r in DEFAULT_V1} == set(OPTIMIZERS)
+    assert {r.schedule for r in DEFAULT_V1} == {"constant", "cosine", "warmup"}
+    assert len(SUITES["test-v1"]) == 4 and {r.strategy for r in SUITES["test-v1"]} == set(STRATEGIES)
+
+
+def test_space_and_recipe_mapping():
+    space = attack_space()
+    assert set(space) == {"strategy", "optimizer", "lr", "batch_size", "weight_decay", "schedule"}
+    assert space["lr"].lower == 1e-5 and space["lr"].upper == 1e-1
+    point = {"strategy": "initFC-FC", "optimizer": "adadelta", "lr": 0.05, "batch_size": 16, "weight_decay": 0.0,
+             "schedule": "cosine"}
+    assert to_recipe(point) == Recipe("initFC-FC", "adadelta", 0.5, 16, 0.0, "cosine")
+    assert to_recipe({**point, "optimizer": "adam"}).lr == 0.05
+
+
+def test_planner_plans_explore_then_reruns_of_top_recipes():
+    recipes = tuple(Recipe(lr=lr) for lr in (1e-4, 1e-3, 1e-2))
+    p = AuditPlanner(("protected", "scratch"), recipes=recipes, seeds=2, top_k=1, fault=("scratch-r02", "once"))
+    configs = [p.suggest(f"t{i}") for i in range(6)]
+    assert [c["id"] for c in configs][:2] == ["protected-r00-s0", "scratch-r00-s0"]
+    assert [c["fault"] for c in configs].count("once") == 1
+    assert p.suggest("t6") is None  # waits for the explore trials to finish
+    values = {"protected": [0.2, 0.9, 0.4], "scratch": [0.8, 0.1, 0.3]}
+    for i, c in enumerate(configs):
+        p.on_trial_complete(f"t{i}", {"best": values[c["subject"]][c["index"]]})
+    assert p.rerun_indices() == [1, 0]  # best protected recipe, then best scratch recipe
+    reruns = [p.suggest(f"r{i}") for i in range(8)]
+    assert {(c["index"], c["seed"]) for c in reruns} == {(1, 1), (0, 1), (1, 2), (0, 2)}
+    assert p.suggest("r8") == p.FINISHED and p.total == 6 + 8

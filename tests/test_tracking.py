@@ -1,0 +1,275 @@
+"""MLflow tracking and registry against the real thing: SQLite in tmp_path and a real `mlflow server`.
+
+No mocks: runs, params, metrics, artifacts, the registry (aliases, tags, sha256 checks on load),
+fail-fast on an unreachable server, and the Ray Tune callback at full concurrency.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+
+import sophon_ray
+from sophon_ray.card import WEIGHTS, save_model_dir, sha256_file
+from sophon_ray.config import ArchSpec
+from sophon_ray.errors import UserError
+from sophon_ray.tracking import (
+    Tracker,
+    download_model,
+    ensure_store,
+    format_table,
+    list_models,
+    promote,
+    record_audit,
+    register_protected,
+    run_name,
+    show,
+    version_rows,
+    versions_with_sha256,
+)
+from sophon_ray.tracking.testing import free_port, mlflow_server
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy inside MLflow
+
+
+def _model_dir(out: Path, seed: int) -> Path:
+    from sophon_ray.models import build_classifier
+
+    torch.manual_seed(seed)
+    model = build_classifier(ArchSpec("cnn-tiny"), 5, 1, 16)
+    card = {"kind": "classifier", "arch": {"name": "cnn-tiny", "kwargs": {}}, "num_classes": 5,
+            "input": {"channels": 1, "size": 16, "resize": "bilinear", "mean": [0.5], "std": [0.5]},
+            "pipeline": "digits", "domains": {"original": "digits[0-4]", "restricted": ["digits[5-9]"]},
+            "role": "protected", "lineage": {"source": {"path": "/models/source", "sha256": "ab" * 32}}}
+    return save_model_dir(out, model, card, {"original_test_accuracy": 0.9})
+
+
+def _audit(sha: str, passed: bool, margin: float) -> dict:
+    return {"format": "sophon-ray/audit@1", "model": {"uri": "x", "sha256": sha}, "pipeline": "digits",
+            "metric": "accuracy", "attacker_goal": "max", "budgets": [25, 50], "trials": [],
+            "worst_case": {"protected": {"25": 0.2, "50": 0.3}, "scratch": {"25": 0.25, "50": 0.31}},
+            "verdict": {"passed": passed, "epsilon": 0.02, "margin": margin, "failed_trials": 0}}
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory):
+    return ensure_store(str(tmp_path_factory.mktemp("store")))  # a directory -> mlflow.db + artifacts/
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    with mlflow_server(root) as uri:
+        yield uri, root
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store(request):
+    """(tracking URI, function mapping a run's artifact URI to the local folder holding it)."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_uri"), lambda a: Path(unquote(urlparse(a).path))
+    uri, root = request.getfixturevalue("server")
+    return ensure_store(uri), lambda a: root / "server-artifacts" / a.split(":", 1)[1].lstrip("/")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOPHON_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_run_logs_params_metrics_artifacts_and_ends(store, tmp_path, monkeypatch):
+    uri, _ = store
+    # what `ray job submit` hands its entrypoint: the submission id in the job config's metadata
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_T1"}}))
+    config = {"name": "digits", "protect": {"iterations": 3, "env": {"lr": {"sgd": [0.001, 0.1]}}},
+              "long": list(range(3000))}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.html").write_text("<html></html>")
+    (tmp_path / "report" / ".tune").mkdir()
+    (tmp_path / "report" / ".tune" / "junk.txt").write_text("x")
+    model = _model_dir(tmp_path / "model", seed=0)
+    with Tracker.start("protect", "digits", config, tags={"extra": {"a": 1}}, tracking_uri=uri) as t:
+        for step in range(4):
+            t.log_metrics({"fts_loss": 1.0 / (step + 1), "acc": 0.5, "note": "skipped", "curve": {}}, step=step)
+        t.log_artifacts(tmp_path / "report")
+        assert t.log_model_dir(model) == f"runs:/{t.run_id}/model"
+    assert re.fullmatch(r"protect-digits-[0-9a-f]{8}", t.run_name) and t.run_name == run_name("protect", "digits", config)
+    c = _client(uri)
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == t.run_name
+    assert run.data.params["protect.iterations"] == "3"
+    assert run.data.params["protect.env.lr.sgd"] == "[0.001, 0.1]"
+    assert len(run.data.params["long"]) == 6000 and run.data.params["long"].endswith("...")
+    assert [m.value for m in c.get_metric_history(t.run_id, "fts_loss")] == [1.0, 0.5, 1 / 3, 0.25]
+    assert [m.step for m in c.get_metric_history(t.run_id, "fts_loss")] == [0, 1, 2, 3]
+    assert "note" not in run.data.metrics
+    tags = run.data.tags
+    assert tags["kind"] == "protect" and tags["pipeline"] == "digits" and json.loads(tags["lineage"])["source"]["path"] == "/models/source"  # the card's lineage
+    assert tags["ray_job_submission_id"] == "raysubmit_T1"
+    assert json.loads(tags["extra"]) == {"a": 1} and tags["model_sha256"] == sha256_file(model / WEIGHTS)
+    assert len(tags.get("git_commit", "0" * 40)) == 40
+    names = {a.path for a in c.list_artifacts(t.run_id)}
+    assert names == {"config.json", "report.html", "model"}
+    assert {a.path for a in c.list_artifacts(t.run_id, "model")} == {"model/model.safetensors", "model/model.json", "model/metrics.json"}
+    # the same config gives the same name; a failing block ends the run FAILED with the error's first line
+    with pytest.raises(ValueError):
+        with Tracker.start("protect", "digits", config, tracking_uri=uri) as t2:
+            raise ValueError("boom\nsecond line")
+    assert t2.run_name == t.run_name
+    failed = c.get_run(t2.run_id)
+    assert failed.info.status == "FAILED" and failed.data.tags["error"] == "ValueError: boom"
+    # resume continues the latest unfinished run of that name
+    t3 = Tracker.start("protect", "digits", config, tracking_uri=uri, resume=True)
+    assert t3.run_id == t2.run_id and c.get_run(t3.run_id).info.status == "RUNNING"
+    t3.end()
+
+
+def test_registry_lifecycle_and_tamper_refused(store, tmp_path, monkeypatch):
+    uri, local = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as the CLI does for --tracking-uri; load_model reads it
+    name = "digits-protected"
+    model = _model_dir(tmp_path / "protected", seed=1)
+    sha = sha256_file(model / WEIGHTS)
+    with Tracker.start("protect", "digits", {"seed": 1}, tracking_uri=uri) as t:
+        t.log_model_dir(model)
+    version = register_protected(model, name, t.run_id, source="/models/source", tracking_uri=uri)
+    assert register_protected(model, name, t.run_id, tracking_uri=uri) == version  # same weights: same version
+    assert versions_with_sha256(sha, tracking_uri=uri) == [(name, version)]
+    info = show(f"{name}@candidate", tracking_uri=uri)
+    v = info["versions"][0]
+    assert v["version"] == version and v["aliases"] == ["candidate"]
+    assert v["tags"]["weights_sha256"] == sha and v["tags"]["protect_run_id"] == t.run_id
+    assert v["tags"]["source_model"] == "/models/source" and json.loads(v["tags"]["domains"])["original"] == "digits[0-4]"
+
+    # load back through the registry: identical outputs
+    ref, _ = sophon_ray.load_model(model)
+    got, card = sophon_ray.load_model(f"models:/{name}@candidate")
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(got(x), ref(x), rtol=0, atol=0)
+    assert card["sha256"] == sha
+
+    # audited only after a passing audit of exactly these weights
+    with pytest.raises(UserError, match="no passing audit"):
+        promote(name, version, "audited", tracking_uri=uri)
+    assert record_audit(name, version, _audit(sha, passed=False, margin=0.2), "run-a", tracking_uri=uri) is False
+    tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
+    assert tags["audit_passed"] == "false" and tags["audit_run_id"] == "run-a" and tags["audit_margin"] == "0.2"
+    assert "audited" not in show(name, tracking_uri=uri)["aliases"]
+    with pytest.raises(UserError, match="no passing audit"):
+        promote(name, version, "audited", tracking_uri=uri)
+    with pytest.raises(UserError, match="sha256"):
+        record_audit(name, version, _audit("f" * 64, passed=True, margin=0.0), "run-x", tracking_uri=uri)
+    assert record_audit(name, version, _audit(sha, passed=True, margin=-0.01), "run-b", tracking_uri=uri) is True
+    assert show(name, tracking_uri=uri)["aliases"] == {"candidate": str(version), "audited": str(version)}
+    promote(name, version, "production", tracking_uri=uri)
+    promote(name, version, "audited", tracking_uri=uri)
+    rows = list_models(tracking_uri=uri)
+    assert {"name": name, "versions": 1, "latest": version,
+            "aliases": f"audited={version} candidate={version} production={version}"} in rows
+    table = format_table(version_rows(show(name, tracking_uri=uri)))
+    assert table.splitlines()[0].split()[:4] == ["version", "aliases", "sha256", "audit"] and sha[:12] in table
+
+    # alter the registered files in the artifact store after registration: load is refused
+    source = _client(uri).get_model_version(name, str(version)).source
+    stored = local(source)
+    assert (stored / WEIGHTS).is_file(), source
+    other = _model_dir(tmp_path / "other", seed=2)  # consistent weights + card, but not the registered ones
+    for f in (WEIGHTS, "model.json"):
+        (stored / f).write_bytes((other / f).read_bytes())
+    with pytest.raises(UserError, match="sha256"):
+        sophon_ray.load_model(f"models:/{name}@audited")
+    (stored / WEIGHTS).write_bytes((stored / WEIGHTS).read_bytes()[:-8] + b"\0" * 8)  # plain corruption
+    with pytest.raises(UserError, match="sha256"):
+        download_model(f"models:/{name}/{version}", tracking_uri=uri)
+
+
+def test_unknown_names_are_one_line_user_errors(store):
+    uri, _ = store
+    for call in (lambda: show("no-such-model", tracking_uri=uri),
+                 lambda: download_model("models:/no-such-model@candidate", tracking_uri=uri),
+                 lambda: promote("no-such-model", 1, "audited", tracking_uri=uri),
+                 lambda: show("bad name!", tracking_uri=uri)):
+        with pytest.raises(UserError) as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="does not exist"):
+        show("no-such-model", tracking_uri=uri)
+
+
+def test_unreachable_server_fails_fast(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="unreachable; start it or drop --tracking-uri") as e:
+        ensure_store(uri)
+    assert time.perf_counter() - start < 5 and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="unreachable"):
+        download_model("models:/x@candidate", tracking_uri=uri)
+    with pytest.raises(UserError, match="no MLflow store"):  # reading never creates a database
+        list_models(tracking_uri=str(tmp_path / "nothing"))
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_import_needs_neither_mlflow_nor_ray():
+    code = "import sys, sophon_ray.tracking; print('mlflow' in sys.modules, 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_tune_callback_logs_every_point_with_one_writer(sqlite_uri, tmp_path, monkeypatch):
+    import ray
+    from ray import tune
+
+    from sophon_ray.tracking import AuditCallback
+
+    def _trial(config):  # nested: pickled by value, workers need not import this test module
+        for b in range(1, 6):
+            tune.report({"steps": 10 * b, "value": config["x"] * b, "best": float(b), "curve": {str(b): 1.0}})
+        if config["x"] == 15.0:
+            raise RuntimeError("this trial fails after its last report")
+
+    for k, v in {"RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}.items():
+        monkeypatch.setenv(k, v)
+    with Tracker.start("audit", "digits", {"suite": "t16"}, tracking_uri=sqlite_uri) as parent:
+        callback = AuditCallback(parent.run_id, sqlite_uri)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            grid = tune.Tuner(
+                _trial,
+                param_space={"x": tune.grid_search([float(i) for i in range(16)]), "id": tune.sample_from(lambda s: f"t{int(s.config['x']):02d}")},
+                tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
+                run_config=tune.RunConfig(name="cb", storage_path=str(tmp_path), verbose=0, callbacks=[callback]),
+            ).fit()
+        finally:
+            ray.shutdown()
+    assert len(grid) == 16 and len(grid.errors) == 1
+    c = _client(sqlite_uri)
+    children = c.search_runs([c.get_run(parent.run_id).info.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=100)
+    assert len(children) == 16
+    status = {r.info.run_name: (r.info.status, r.data.tags["trial_status"]) for r in children}
+    assert status.pop("trial-t15") == ("FAILED", "failed") and set(status.values()) == {("FINISHED", "ok")}
+    assert sorted(r.info.run_name for r in children) == [f"trial-t{i:02d}" for i in range(16)]
+    for key in ("value", "best"):
+        points = [m for r in children for m in c.get_metric_history(r.info.run_id, key)]
+        assert len(points) == 16 * 5, key
+    for r in children:
+        hist = c.get_metric_history(r.info.run_id, "value")
+        x = float(r.data.params["x"])
+        assert sorted((m.step, m.value) for m in hist) == [(10 * b, x * b) for b in range(1, 6)]
+        assert set(r.data.metrics) == {"value", "best"}
+    assert callback.points == 16 * 5 * 2
