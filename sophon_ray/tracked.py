@@ -77,25 +77,13 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
                                 tags={"audited_model": str(model)}) as run:
         result = run_audit(cfg, model, out=out, log=log, callbacks=[tracking.AuditCallback(run.run_id, uri)], **options)
         run.log_audit(result, out)
-        targets = _versions_with_sha(result["model"]["sha256"])
+        targets = tracking.versions_with_sha256(result["model"]["sha256"])
         if model_name is not None and version is not None:
             targets = sorted(set(targets) | {(model_name, int(version))})
         for name, ver in targets:
             passed = tracking.record_audit(name, ver, result, run.run_id)
             log(f"registry: {name} version {ver} audit {'passed -> alias audited' if passed else 'failed (not promoted)'}")
     return result
-
-
-def _versions_with_sha(sha: str) -> list[tuple[str, int]]:
-    """Registered (name, version) pairs whose weights are exactly `sha`."""
-    from sophon_ray import tracking
-
-    found = []
-    for row in tracking.list_models():
-        for v in tracking.show(row["name"])["versions"]:
-            if v["tags"].get("weights_sha256") == sha:
-                found.append((row["name"], int(v["version"])))
-    return found
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def test_tampered_weights_are_refused(models, tmp_path, capsys):
         (["pretrain", "digits", "--set", "arch.name=resnet999"], "resnet999"),
         (["pretrain", "digits", "--set", "pretrain.nope=1"], "unknown key"),
         (["attack", "digits", "--model", "scratch", "--recipe", "optimizer=lion"], "optimizer"),
-        (["attack", "digits", "--model", "scratch", "--recipe", "strategy=all"], "strategy"),
+        (["attack", "digits", "--model", "scratch", "--recipe", "strategy=everything"], "strategy"),
         (["attack", "digits", "--model", "/nonexistent", "--recipe", "optimizer=sgd"], "not a sophon-ray model"),
         (["pretrain", "digits", "--set", "original.source=cifar10", "--set", "original.root=/nonexistent"], "/nonexistent"),
         (["protect", "digits", "--source", "scratch", "--set", "protect.loss=foo"], None),

@@ -190,15 +190,19 @@ def _progress_callback(planner: Any, log: Log):
     return Progress()
 
 
+def experiment(plan: Plan, out: Path) -> tuple[Path, str]:
+    """(Tune storage path, deterministic experiment name) of an audit: `<out>/.tune`, name from
+    pipeline, model sha256 and mode; never a timestamp."""
+    return (out / ".tune").resolve(), f"audit-{plan.cfg.name}-{plan.sha256[:12]}-{plan.mode}"
+
+
 def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list, log: Log,
           cpus_per_trial: float, gpus_per_trial: float) -> Any:
     from ray import tune
 
     from sophon_ray.audit.trial import attack_trial
 
-    name = f"audit-{plan.cfg.name}-{plan.sha256[:12]}-{plan.mode}"
-    storage = (out / ".tune").resolve()
-    shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, never a silent resume
+    storage, name = experiment(plan, out)
     trainable = tune.with_resources(
         tune.with_parameters(attack_trial, cfg=plan.cfg, subjects=plan.subjects),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
@@ -300,9 +304,12 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     try:
         subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
         inner = optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search) if search is not None else None
-        planner = AuditPlanner(subjects, recipes=plan.recipes, inner=inner, n_search=search or 0, seeds=seeds,
-                               top_k=top_k, fault=plan.fault)
         out = Path(out)
+        storage, name = experiment(plan, out)
+        shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, never a silent resume
+        fault = (*plan.fault, str(storage / name / ".faults")) if plan.fault else None
+        planner = AuditPlanner(subjects, recipes=plan.recipes, inner=inner, n_search=search or 0, seeds=seeds,
+                               top_k=top_k, fault=fault)
         log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
             f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
         start = time.perf_counter()
@@ -314,7 +321,8 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     from sophon_ray.audit.report import write_report
     from sophon_ray.card import write_json_atomic
 
-    write_report(audit, out, search=plan.search is not None, model_dir=plan.model_dir, source_dir=plan.subjects.get("original"))
+    write_report(audit, out, search=plan.search is not None, model_dir=plan.model_dir,
+                 source_dir=plan.subjects.get("original"))
     write_json_atomic(out / "audit.json", audit)
     _summary(audit, planner, out, time.perf_counter() - start, log)
     return audit

@@ -62,6 +62,7 @@ def _save(fig: Any, path: Path) -> str:
 
 
 def plot_curves(audit: dict[str, Any], path: Path) -> str:
+    """Worst-case curves per subject over the budgets; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = audit["budgets"]
@@ -69,6 +70,7 @@ def plot_curves(audit: dict[str, Any], path: Path) -> str:
         ax.plot(budgets, [curve.get(str(b), float("nan")) for b in budgets], "o-", label=subject,
                 color=COLORS.get(subject))
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set(xlabel="fine-tuning steps (budget)", ylabel=f"best restricted test {audit['metric']}",
            title="Best attack over all recipes and seeds")
@@ -78,6 +80,7 @@ def plot_curves(audit: dict[str, Any], path: Path) -> str:
 
 
 def plot_scatter(rows: dict[str, dict[str, Any]], path: Path) -> str:
+    """Per recipe, protected best vs scratch best, marker by strategy; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D"}
@@ -94,6 +97,7 @@ def plot_scatter(rows: dict[str, dict[str, Any]], path: Path) -> str:
 
 
 def plot_search(rows: dict[str, dict[str, Any]], path: Path) -> str:
+    """Best value so far vs search trial number, protected and scratch; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for subject in ("protected", "scratch"):
@@ -128,6 +132,7 @@ def original_accuracy(model_dir: str | None, source_dir: str | None) -> dict[str
 
 
 def plot_original(acc: dict[str, float], path: Path) -> str:
+    """Bar of original-domain test accuracy, source vs protected; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4))
     names = [k for k in ("source", "protected") if k in acc]

@@ -113,12 +113,13 @@ class AuditPlanner(Searcher):
         n_search: how many recipes to ask `inner` for (search mode).
         seeds: re-run seeds per top recipe (seeds 1..S).
         top_k: how many top recipes per ranking subject are re-run.
-        fault: (substring, "once"|"always") marks trials for injected failures (tests only).
+        fault: (substring, "once"|"always", marker dir) marks trials for injected failures
+            (tests only); "once" trials leave a marker file there when they fail.
     """
 
     def __init__(self, subjects: tuple[str, ...], *, recipes: tuple[Recipe, ...] | None = None,
                  inner: Searcher | None = None, n_search: int = 0, seeds: int = 3, top_k: int = 3,
-                 fault: tuple[str, str] | None = None):
+                 fault: tuple[str, str, str] | None = None):
         super().__init__(metric="best", mode="max")
         assert (recipes is None) != (inner is None), "suite XOR search"
         self.subjects, self.inner, self.seeds, self.top_k, self.fault = subjects, inner, seeds, top_k, fault
@@ -146,7 +147,9 @@ class AuditPlanner(Searcher):
         out = []
         for s in self.subjects:
             tid = trial_id(s, index, seed)
-            fault = self.fault[1] if self.fault and self.fault[0] in tid else None
+            fault = None
+            if self.fault and self.fault[0] in tid:
+                fault = {"mode": self.fault[1], "marker": f"{self.fault[2]}/{tid}"}
             out.append({"id": tid, "subject": s, "index": index, "recipe": dataclasses.asdict(recipe),
                         "seed": seed, "fault": fault})
         return out

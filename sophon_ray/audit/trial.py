@@ -85,16 +85,16 @@ def subject_model(cfg: PipelineConfig, path: str | None, t: jobs.Tensors, seed: 
 
 
 def _maybe_fault(config: dict[str, Any]) -> None:
-    """Test-only failure injection: "always" fails every attempt, "once" only the first."""
-    mode = config.get("fault")
-    if not mode:
+    """Test-only failure injection: mode "always" fails every attempt, "once" only the first
+    (a marker file at fault["marker"], on the driver's filesystem, records that it failed)."""
+    fault = config.get("fault")
+    if not fault:
         return
-    from ray import tune
-
-    marker = Path(tune.get_context().get_trial_dir()) / ".fault-injected"
-    if mode == "always" or not marker.exists():
+    marker = Path(fault["marker"])
+    if fault["mode"] == "always" or not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        raise RuntimeError(f"injected fault in trial {config['id']} (test-only, fault={mode})")
+        raise RuntimeError(f"injected fault in trial {config['id']} (test-only, fault={fault['mode']})")
 
 
 def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[str, str | None]) -> None:
