@@ -125,7 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
     root = Path(args.out) if args.out else Path("out") / cfg.name
     summary = run_pipeline(
-        cfg, root, workers=args.workers, suite=None if args.search else args.suite, search=args.search,
+        cfg, root, workers=args.workers, search=args.search,
+        suite=None if args.search else (args.suite or ("test-v1" if args.smoke else "quick-v1")),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, log=_log,
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--suite", default="quick-v1", help="attack suite for the audit (default quick-v1)")
+    group.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v1; test-v1 with --smoke)")
     group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")

@@ -1,0 +1,79 @@
+"""End to end with real clients: `ray job submit` of `sophon-ray run` to a local Ray head, an
+`mlflow server` on 127.0.0.1, then the MLflow client finds the registered, audited version."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sophon_ray.tracking.testing import free_port, mlflow_server
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A Ray head of our own (`ray start --head --block` in its own session), killed as a group at
+    the end: unlike `ray stop`, this leaves any other Ray on the machine alone."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the job must use the URI it is given
+    port, dash = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.time() < deadline and head.poll() is None, "Ray head did not come up"
+            time.sleep(1)
+        yield address, env
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(3)
+
+
+def _submit(address, env, *args, timeout=900):
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_run_registers_audited_model(ray_head, tmp_path):
+    from mlflow import MlflowClient
+
+    address, env = ray_head
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        out = tmp_path / "run"
+        r = _submit(address, env, "sophon-ray", "run", "digits", "--smoke", "--tracking-uri", uri, "--out", str(out))
+        assert r.returncode == 0 and "SUCCEEDED" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+        client = MlflowClient(uri)
+        versions = client.search_model_versions("name='sophon-digits'")
+        assert len(versions) == 1
+        tags = versions[0].tags
+        assert tags["audit_passed"] in ("true", "false") and "audit_run_id" in tags and "weights_sha256" in tags
+        aliases = client.get_registered_model("sophon-digits").aliases
+        assert aliases.get("candidate") == versions[0].version
+        assert ("audited" in aliases) == (tags["audit_passed"] == "true")
+        # a job with a bad pipeline fails fast, says why, registers nothing
+        t = time.time()
+        bad = _submit(address, env, "sophon-ray", "run", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "bad"),
+                      timeout=300)
+        assert bad.returncode != 0 and "unknown pipeline" in bad.stdout + bad.stderr
+        assert time.time() - t < 120
+        assert len(client.search_model_versions("name='sophon-digits'")) == 1
