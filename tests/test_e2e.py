@@ -50,7 +50,12 @@ def ray_head(tmp_path):
 
 def _submit(address, env, *args, timeout=900):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    for _ in range(30):  # the head's job agent comes up a few seconds after the dashboard
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if "No available agent" not in r.stdout + r.stderr:
+            return r
+        time.sleep(2)
+    return r
 
 
 @pytest.mark.slow
