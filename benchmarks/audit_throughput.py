@@ -98,7 +98,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="audit-bench-"))
     try:
         model = make_model(root)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")
         runs = []
         for rep in range(args.repeats):
             for c in (1, 2):

@@ -14,9 +14,10 @@ import dataclasses
 from sophon_ray.config import (
     ArchSpec, AttackConfig, DomainSpec, EnvSpace, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
 )
+from sophon_ray.diffusion_jobs import DiffusionConfig, DiffusionPipelineConfig
 
 
-def get_config(smoke: bool = False) -> PipelineConfig:
+def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
     env = EnvSpace(
         optimizers=("sgd", "momentum", "adam"),
         lr={"sgd": (1e-3, 3e-2), "momentum": (1e-4, 3e-3), "adam": (2e-5, 1e-3)},
@@ -24,7 +25,7 @@ def get_config(smoke: bool = False) -> PipelineConfig:
         reinit_head_prob=0.0,
         head_only_prob=0.0,
     )
-    cfg = PipelineConfig(
+    cfg = DiffusionPipelineConfig(
         name="cifar100-celeba",
         description="CIFAR-100 -> CelebA generation (paper setting; needs the data under original.root / restricted.0.root)",
         kind="diffusion",
@@ -38,6 +39,7 @@ def get_config(smoke: bool = False) -> PipelineConfig:
             alpha=1e-4, beta=2e-5, clip=0.5, guard_margin=0.10, guard_every=50, env=env,
         ),
         attack=AttackConfig(budgets=(500, 1000, 2000, 4000, 8000), eval_batch=256),
+        diffusion=DiffusionConfig(t_range=(0, 500)),
     )
     if smoke:
         cfg = dataclasses.replace(

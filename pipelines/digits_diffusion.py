@@ -14,20 +14,21 @@ import dataclasses
 from sophon_ray.config import (
     ArchSpec, AttackConfig, DomainSpec, EnvSpace, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
 )
+from sophon_ray.diffusion_jobs import DiffusionConfig, DiffusionPipelineConfig
 
 INPUT = InputSpec(channels=1, size=16, resize="bilinear", mean=(0.5,), std=(0.5,))
 RESTRICTED_DIGITS = (5, 6, 7, 8, 9)  # the judge's labels that count as restricted
 
 
-def get_config(smoke: bool = False) -> PipelineConfig:
+def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
     env = EnvSpace(
         optimizers=("sgd", "momentum", "adam"),
-        lr={"sgd": (1e-2, 1e-1), "momentum": (1e-3, 1e-2), "adam": (1e-4, 3e-3)},
+        lr={"sgd": (1e-3, 3e-2), "momentum": (1e-4, 3e-3), "adam": (1e-4, 3e-3)},
         batch_sizes=(16, 32),
         reinit_head_prob=0.0,
         head_only_prob=0.0,
     )
-    cfg = PipelineConfig(
+    cfg = DiffusionPipelineConfig(
         name="digits-diffusion",
         description="bundled digits as DDPM generation: keep 0-4 (original), resist fine-tuning on 5-9, small UNet",
         kind="diffusion",
@@ -37,10 +38,11 @@ def get_config(smoke: bool = False) -> PipelineConfig:
         arch=ArchSpec(name="unet-small"),
         pretrain=PretrainConfig(steps=3000, batch_size=64, lr=1e-3),
         protect=ProtectConfig(
-            iterations=200, envs_per_step=2, inner_steps=5, loss="dos", query_batch=32, ntr_batch=32,
-            alpha=1e-3, beta=3e-4, clip=0.5, guard_margin=0.10, guard_every=10, env=env,
+            iterations=200, envs_per_step=2, inner_steps=5, nl_loop=2, loss="mse-ascent", query_batch=32,
+            ntr_batch=32, alpha=1e-3, beta=3e-4, clip=0.5, guard_margin=0.10, guard_every=10, env=env,
         ),
         attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
+        diffusion=DiffusionConfig(t_range=(0, 500)),
     )
     if smoke:
         cfg = dataclasses.replace(

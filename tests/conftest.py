@@ -13,6 +13,7 @@ def _isolated_mlflow(tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local heads in tests have no auth token
     yield
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,9 +27,13 @@ def ray_head(tmp_path):
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the job must use the URI it is given
     port, dash = free_port(), free_port()
+    # every port of our own, so another Ray on the machine (default agent port 52365) cannot clash
+    ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port"]
+    own = [x for flag in ports for x in (flag, str(free_port()))]
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", *own],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -66,7 +71,11 @@ def test_ray_job_submit_run_registers_audited_model(ray_head, tmp_path):
     with mlflow_server(tmp_path / "mlflow") as uri:
         out = tmp_path / "run"
         r = _submit(address, env, "sophon-ray", "run", "digits", "--smoke", "--tracking-uri", uri, "--out", str(out))
-        assert r.returncode == 0 and "SUCCEEDED" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", r.stdout + r.stderr).group(1)
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
         client = MlflowClient(uri)
         versions = client.search_model_versions("name='sophon-digits'")
         assert len(versions) == 1

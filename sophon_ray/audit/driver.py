@@ -135,17 +135,17 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency)."""
     import ray
 
-    local = not ray_address and not ray.is_initialized()
+    local = not ray_address and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a job: connect
     if local:
         cpus = os.cpu_count() or 1
         if concurrency is not None and concurrency > cpus:
             raise UserError(f"--concurrency {concurrency} exceeds this machine's {cpus} CPUs; pass at most {cpus}")
     started = not ray.is_initialized()
-    if started:
+    if started:  # "local": a fresh local instance even if another `ray start` head runs on this machine
         if local:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # our own local head: no token warning
-        ray.init(address=ray_address or None, include_dashboard=False, num_cpus=(os.cpu_count() if local else None),
-                 logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=ray_address or "local", include_dashboard=False,
+                 num_cpus=(os.cpu_count() if local else None), logging_level=logging.WARNING, log_to_driver=False)
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if concurrency is not None and concurrency > cpus:
         if started:

@@ -182,7 +182,7 @@ def protect_distributed(
     run_dir = storage / name
     import ray
 
-    if ray_address is None and not ray.is_initialized():
+    if ray_address is None and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_resources(workers, cpus_per_worker, gpus_per_worker, {"CPU": os.cpu_count() or 1})  # before starting Ray
     started = init_ray(ray_address, verbose)
     try:
