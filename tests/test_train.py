@@ -27,7 +27,7 @@ def ray_local():
     from sophon_ray.train.driver import quiet_ray_env
 
     quiet_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

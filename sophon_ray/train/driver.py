@@ -64,10 +64,12 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
 
     import ray
 
+    check_address(address)  # even when this process is already connected: a wrong address is a user error
     if ray.is_initialized():
         return False
-    check_address(address)
     quiet_ray_env(verbose)
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        address = "local"  # a fresh local instance, never whichever `ray start` head happens to run here
     ray.init(
         address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=verbose, configure_logging=True,
