@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import digits
+from pipelines import cifar100_celeba, digits, digits_diffusion, imagenette_cifar10
 
 PIPELINES: dict[str, ModuleType] = {
     "digits": digits,
+    "digits-diffusion": digits_diffusion,
+    "imagenette-cifar10": imagenette_cifar10,
+    "cifar100-celeba": cifar100_celeba,
 }

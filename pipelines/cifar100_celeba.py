@@ -5,6 +5,7 @@ Needs data on disk (nothing is downloaded): CIFAR-100 in torchvision's layout un
 `restricted.0.root` (default ~/data/celeba: celeba/train/<any class folder>/*.jpg and
 celeba/test/<any class folder>/*.jpg). Without them every job stops with a one-line error
 naming the folder. 3x32x32, pixels in [-1, 1], the DDPM CIFAR-10 UNet (unet-paper, 35.7 M).
+There is no judge classifier for faces yet: the audit draws sample grids only (no "recognised" metric).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from sophon_ray.config import (
-    ArchSpec, AttackConfig, DomainSpec, EnvSpace, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
+    ArchSpec, AttackConfig, DiffusionConfig, DiffusionPipelineConfig, DomainSpec, EnvSpace, InputSpec,
+    PretrainConfig, ProtectConfig,
 )
-from sophon_ray.diffusion_jobs import DiffusionConfig, DiffusionPipelineConfig
 
 
 def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
@@ -48,5 +49,6 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
             protect=dataclasses.replace(cfg.protect, iterations=2, inner_steps=2, query_batch=4, ntr_batch=4,
                                         guard_every=1, env=dataclasses.replace(env, batch_sizes=(4,))),
             attack=dataclasses.replace(cfg.attack, budgets=(2, 4)),
+            diffusion=dataclasses.replace(cfg.diffusion, samples=8, sample_steps=10),
         )
     return cfg

@@ -4,7 +4,8 @@ Original domain: digits 0-4; restricted domain: digits 5-9 (the `digits` split: 
 1 channel, 8x8 -> 16x16 bilinear, pixels in [-1, 1] (mean 0.5, std 0.5). The source model is a
 unet-small (unet-tiny in the smoke config). A UNet has no head, so the simulated environments
 never re-initialise or probe one. The judge, a cnn-small trained on all ten digits with the same
-input spec (`judge_config`), labels generated samples for the "recognised as restricted" metric.
+input spec (`judge_config`, carried as `diffusion.judge`), labels generated samples for the
+"recognised as restricted" metric (`diffusion.judge_classes` = 5-9) after the audit.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from sophon_ray.config import (
-    ArchSpec, AttackConfig, DomainSpec, EnvSpace, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
+    ArchSpec, AttackConfig, DiffusionConfig, DiffusionPipelineConfig, DomainSpec, EnvSpace, InputSpec,
+    PipelineConfig, PretrainConfig, ProtectConfig,
 )
-from sophon_ray.diffusion_jobs import DiffusionConfig, DiffusionPipelineConfig
 
 INPUT = InputSpec(channels=1, size=16, resize="bilinear", mean=(0.5,), std=(0.5,))
 RESTRICTED_DIGITS = (5, 6, 7, 8, 9)  # the judge's labels that count as restricted
@@ -42,7 +43,7 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
             ntr_batch=32, alpha=1e-3, beta=3e-4, clip=0.5, guard_margin=0.10, guard_every=10, env=env,
         ),
         attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
-        diffusion=DiffusionConfig(t_range=(0, 500)),
+        diffusion=DiffusionConfig(t_range=(0, 500), judge=judge_config(), judge_classes=RESTRICTED_DIGITS),
     )
     if smoke:
         cfg = dataclasses.replace(
@@ -52,14 +53,15 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
             protect=dataclasses.replace(cfg.protect, iterations=2, inner_steps=2, query_batch=8, ntr_batch=8,
                                         guard_every=1, env=dataclasses.replace(env, batch_sizes=(8,))),
             attack=dataclasses.replace(cfg.attack, budgets=(2, 4)),
+            diffusion=dataclasses.replace(cfg.diffusion, samples=16, sample_steps=10, judge=judge_config(smoke=True)),
         )
     return cfg
 
 
-def judge_config() -> PipelineConfig:
+def judge_config(smoke: bool = False) -> PipelineConfig:
     """The judge: a cnn-small classifier of all ten digits on the same 16x16 [-1, 1] inputs."""
     ten = DomainSpec(source="digits")
-    return PipelineConfig(
+    cfg = PipelineConfig(
         name="digits-diffusion-judge",
         description="digit classifier (0-9) that labels generated samples",
         kind="classifier",
@@ -69,3 +71,4 @@ def judge_config() -> PipelineConfig:
         arch=ArchSpec(name="cnn-small"),
         pretrain=PretrainConfig(steps=800, batch_size=64, lr=2e-3),
     )
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, steps=60)) if smoke else cfg

@@ -75,6 +75,13 @@ def save_model_dir(out: str | Path, model: torch.nn.Module, card: dict[str, Any]
     return out
 
 
+def lineage_path(source: str | Path) -> str:
+    """How a model's lineage names its source: an absolute path for a local directory (so the
+    audit finds it from any working directory, e.g. a Ray Tune trial's), a URI unchanged."""
+    p = Path(source)
+    return str(p.resolve()) if p.is_dir() else str(source)
+
+
 def read_card(path: str | Path) -> dict[str, Any]:
     """Read and validate `model.json` of a model directory (weights not checked here)."""
     d = Path(path)

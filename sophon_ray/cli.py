@@ -82,17 +82,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from sophon_ray.card import write_json_atomic
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    recipe = parse_recipe(args.recipe)
+    recipe = parse_recipe(args.recipe) if args.recipe else jobs.kind(cfg).default_recipe
+    jobs.validate_recipe(cfg, recipe)
     model = None if args.model == "scratch" else args.model
     curve = jobs.attack(cfg, model, recipe, seed=args.seed)
-    result = {"model": args.model, "recipe": dataclasses.asdict(recipe), "seed": args.seed,
+    metric = jobs.kind(cfg).metric
+    result = {"model": args.model, "recipe": dataclasses.asdict(recipe), "seed": args.seed, "metric": metric,
               "curve": {str(k): v for k, v in curve.items()}}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.out) / "attack.json", result)
     for b, v in curve.items():
-        print(f"{b:6d} steps  restricted accuracy {v:.4f}")
+        print(f"{b:6d} steps  restricted {metric} {v:.4f}")
     return 0
+
 
 
 def _budgets(text: str | None) -> tuple[int, ...] | None:
@@ -108,10 +111,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from sophon_ray import jobs, tracked
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    out = _out(args, "audit")
     result = tracked.audit(
-        cfg, args.model, _out(args, "audit"), _log, suite=args.suite, search=args.search,
+        cfg, args.model, out, _log, suite=args.suite, search=args.search,
         budgets=_budgets(args.budgets), concurrency=args.concurrency, seeds=args.seeds,
-        epsilon=args.epsilon, ray_address=args.ray_address,
+        epsilon=args.epsilon, ray_address=args.ray_address, samples=not args.no_samples,
+        judge_dir=args.judge or str(out / "judge"),
     )
     return 1 if args.strict and not result["verdict"]["passed"] else 0
 
@@ -123,19 +128,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sophon_ray.workflow import run_pipeline
 
     cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    kind = jobs.kind(cfg)
     root = Path(args.out) if args.out else Path("out") / cfg.name
     summary = run_pipeline(
         cfg, root, workers=args.workers, search=args.search,
-        suite=None if args.search else (args.suite or ("test-v1" if args.smoke else "quick-v1")),
+        suite=None if args.search else (args.suite or (kind.smoke_suite if args.smoke else kind.run_suite)),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
-        verbose=args.verbose, log=_log,
+        verbose=args.verbose, log=_log, samples=not args.no_samples,
     )
     audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
-    print(f"\nBest restricted test {audit['metric']} an attacker reached (worst case over all recipes):")
-    print(table(audit["worst_case"], tuple(audit["budgets"])))
-    print(f"\noriginal-domain test accuracy: source {metrics['source_original_test_accuracy']:.3f}, "
-          f"protected {metrics['original_test_accuracy']:.3f}")
+    goal = "highest" if audit["attacker_goal"] == "max" else "lowest"
+    print(f"\nBest ({goal}) restricted test {audit['metric']} an attacker reached (worst case over all recipes):")
+    print(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4))
+    key = f"original_test_{kind.metric}"
+    print(f"\noriginal-domain test {kind.metric}: source {metrics[f'source_{key}']:.4f}, protected {metrics[key]:.4f}")
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
     print(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
           f"{v['failed_trials']} failed trials)")
@@ -149,6 +156,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"look at it: {uri}")
     return 1 if args.strict and not v["passed"] else 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    """Sample grids and the judge metric of a diffusion model before/after an attack (samples.json)."""
+    from sophon_ray import jobs
+    from sophon_ray.card import read_card
+
+    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    if cfg.kind != "diffusion":
+        raise UserError(f"samples needs a diffusion pipeline; {cfg.name!r} is a {cfg.kind} (try digits-diffusion)")
+    from sophon_ray import diffusion_jobs as dj
+
+    recipe = parse_recipe(args.recipe) if args.recipe else jobs.kind(cfg).default_recipe
+    if args.audit:
+        path = Path(args.audit)
+        if not path.is_file():
+            raise UserError(f"--audit {path}: no such file; pass the audit.json of a diffusion audit")
+        recipe = dj.strongest_recipe(json.loads(path.read_text())) or recipe
+    subjects: dict[str, Any] = {"protected": args.model, "scratch": None}
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: need at least 1 attack step")
+    uri = args.model.startswith(("models:/", "runs:/"))
+    src = None if uri else ((read_card(args.model).get("lineage") or {}).get("source") or {}).get("path")
+    if src and Path(src).is_dir():
+        subjects["original"] = src
+    out = _out(args, "samples")
+    result = dj.sample_report(cfg, subjects, out, recipe, steps=args.steps, judge_dir=args.judge or out / "judge",
+                              log=_log)
+    for name, row in result["subjects"].items():
+        rec = {w: row[w]["recognised"] for w in ("before", "after") if w in row}
+        print(f"{name:10s} restricted MSE after {result['steps']} steps {row['restricted_test_mse']}, recognised {rec}")
+    print(out / "samples.json")
+    return 0
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -207,31 +247,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     p.add_argument("--model", required=True, help="protected model directory or MLflow URI")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--suite", default=None, help="named attack suite (default: default-v1)")
+    group.add_argument("--suite", default=None, help="named attack suite (default: default-v1; diffusion-v1 for diffusion)")
     group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
     p.add_argument("--budgets", default=None, help="comma-separated increasing step budgets, e.g. 25,50,100,200,400")
     p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials (default: all CPUs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for re-running the best recipes at full budget")
-    p.add_argument("--epsilon", type=float, default=0.02, help="allowed attacker advantage over scratch")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="allowed attacker advantage over scratch (default 0.02 accuracy, 0.005 MSE)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the verdict fails")
+    p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
+    p.add_argument("--judge", default=None, help="diffusion: judge classifier cache dir (default <out>/judge)")
     _common(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v1; test-v1 with --smoke)")
+    group.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v1, test-v1 with --smoke; "
+                       "diffusion: diffusion-v1, diffusion-test-v1 with --smoke)")
     group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
     p.add_argument("--seeds", type=int, default=2, help="seeds for re-running the best recipes")
     p.add_argument("--concurrency", type=int, default=None, help="max concurrent audit trials")
-    p.add_argument("--epsilon", type=float, default=0.02, help="allowed attacker advantage over scratch")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="allowed attacker advantage over scratch (default 0.02 accuracy, 0.005 MSE)")
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the verdict fails")
+    p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
     _common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("samples", help="diffusion: sample grids + judge metric before/after an attack")
+    p.add_argument("pipeline")
+    p.add_argument("--model", required=True, help="protected model directory (its source is the 'original' subject)")
+    p.add_argument("--recipe", default="", help="attack recipe k=v,... (default strategy=all,optimizer=adam,lr=1e-3,batch_size=16)")
+    p.add_argument("--audit", default=None, help="audit.json: use its strongest recipe against the protected model")
+    p.add_argument("--steps", type=int, default=None, help="attack steps (default: the largest budget)")
+    p.add_argument("--judge", default=None, help="judge classifier cache dir (default <out>/judge)")
+    _common(p)
+    p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser("registry", help="MLflow model registry: list | show NAME[@ALIAS] | promote NAME VERSION ALIAS")
     p.add_argument("action", choices=["list", "show", "promote"])

@@ -130,6 +130,44 @@ class PipelineConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
 
 
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Generation-mode settings, `cfg.diffusion` of a `DiffusionPipelineConfig` (`--set diffusion.x=...`).
+
+    t_range: [lo, hi) timesteps that protection (FTS support/query and NTR batches) draws uniformly
+        (None = whole schedule). Pretraining and attacks always train over the whole schedule.
+    eval_timesteps / eval_seed: the fixed evaluation grid and noise seed of the denoising MSE.
+    sample_steps / samples / sample_seed: DDPM sampling for grids and the judge metric
+        (samples=0 skips the sample grids and the judge in the audit).
+    judge: a classification config whose model labels generated samples (None: grids only); it is
+        trained on the pipeline's own input spec (its `input` is replaced by the pipeline's).
+    judge_classes: the judge's labels that count as "recognised as restricted".
+    """
+
+    t_range: tuple[int, int] | None = None
+    eval_timesteps: int = 10
+    eval_seed: int = 0
+    sample_steps: int = 50
+    samples: int = 64
+    sample_seed: int = 0
+    judge: PipelineConfig | None = None
+    judge_classes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiffusionPipelineConfig(PipelineConfig):
+    """A `PipelineConfig` plus the generation-mode settings (kind="diffusion" pipelines return it)."""
+
+    kind: str = "diffusion"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+def extensions(cfg: PipelineConfig) -> tuple[Any, ...]:
+    """The fields a config subclass adds to `PipelineConfig` (e.g. `diffusion`), for stage hashes."""
+    base = {f.name for f in dataclasses.fields(PipelineConfig)}
+    return tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in base)
+
+
 def to_dict(cfg: Any) -> Any:
     """A JSON-able dict of a config dataclass (tuples become lists; tuples of configs become lists)."""
     if isinstance(cfg, tuple):

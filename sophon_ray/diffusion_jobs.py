@@ -5,7 +5,8 @@ path) with the ε-prediction objective of `core.diffusion`; the restricted-domai
 denoising MSE on held-out images over a fixed timestep grid with fixed noise (lower = better
 for the attacker), measured for the original domain too. Also here: the diffusion attack suite,
 DDPM sampling into PNG grids, and the "human" metric, the fraction of generated samples a judge
-classifier recognises as restricted classes.
+classifier recognises as restricted classes (`sample_report`, also run after a diffusion audit).
+Reached through the dispatchers of `sophon_ray.jobs`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +22,14 @@ import torch
 
 from sophon_ray import card as cardlib
 from sophon_ray import jobs
-from sophon_ray.config import PipelineConfig, Recipe, to_dict
+from sophon_ray.config import DiffusionConfig, DiffusionPipelineConfig, PipelineConfig, Recipe, to_dict
+from sophon_ray.diffusion_samples import generate, judge, recognised, sample_report, save_grid, strongest_recipe
 from sophon_ray.errors import UserError
+from sophon_ray.jobs import Metrics, _no_metrics, protect_stage_hash, source_stage_hash
+
+# Re-exported: the configs live in sophon_ray.config, samples and the judge in diffusion_samples.
+__all__ = ["DiffusionConfig", "DiffusionPipelineConfig", "generate", "judge", "recognised", "sample_report",
+           "save_grid", "strongest_recipe"]
 
 Log = Callable[[str], None]
 R = Recipe
@@ -46,33 +53,13 @@ SUITE_DIFFUSION_V1: tuple[Recipe, ...] = (
     R("down", "momentum", 3e-3, 16),
     R("all", "nesterov", 3e-3, 16, schedule="cosine"),
 )
-SUITES_DIFFUSION: dict[str, tuple[Recipe, ...]] = {"diffusion-v1": SUITE_DIFFUSION_V1}
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """Generation-mode settings, `cfg.diffusion` of a `DiffusionPipelineConfig` (`--set diffusion.x=...`).
-
-    t_range: [lo, hi) timesteps that protection (FTS support/query and NTR batches) draws uniformly
-        (None = whole schedule). Pretraining and attacks always train over the whole schedule.
-    eval_timesteps / eval_seed: the fixed evaluation grid and noise seed of the denoising MSE.
-    sample_steps / samples / sample_seed: DDPM sampling for grids and the judge metric.
-    """
-
-    t_range: tuple[int, int] | None = None
-    eval_timesteps: int = 10
-    eval_seed: int = 0
-    sample_steps: int = 50
-    samples: int = 64
-    sample_seed: int = 0
-
-
-@dataclass(frozen=True)
-class DiffusionPipelineConfig(PipelineConfig):
-    """A `PipelineConfig` plus the generation-mode settings (kind="diffusion" pipelines return it)."""
-
-    kind: str = "diffusion"
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+# 2 recipes, for tests and `sophon-ray run --smoke` only.
+SUITE_DIFFUSION_TEST_V1: tuple[Recipe, ...] = (
+    R("all", "adam", 1e-3, 16),
+    R("up", "momentum", 3e-3, 16),
+)
+SUITES_DIFFUSION: dict[str, tuple[Recipe, ...]] = {"diffusion-v1": SUITE_DIFFUSION_V1,
+                                                   "diffusion-test-v1": SUITE_DIFFUSION_TEST_V1}
 
 
 def settings(cfg: PipelineConfig) -> DiffusionConfig:
@@ -84,7 +71,8 @@ def settings(cfg: PipelineConfig) -> DiffusionConfig:
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
-    """Raise UserError for a diffusion pipeline whose image size the UNet cannot take."""
+    """Raise UserError for a diffusion pipeline whose image size the UNet cannot take, or whose
+    judge cannot label its samples."""
     from sophon_ray.models import downsample_factor
 
     if cfg.kind != "diffusion":
@@ -95,6 +83,10 @@ def check_inputs(cfg: PipelineConfig) -> None:
             f"image size {cfg.input.size} is not divisible by the UNet's down-sampling factor {factor} "
             f"({cfg.arch.name}); use input.size=<multiple of {factor}>"
         )
+    judge = settings(cfg).judge
+    if judge is not None and (judge.kind != "classifier" or not settings(cfg).judge_classes):
+        raise UserError("diffusion.judge must be a classifier config (kind=classifier) and diffusion.judge_classes "
+                        "the judge's labels that count as restricted (e.g. [5,6,7,8,9])")
 
 
 def load_tensors(cfg: PipelineConfig) -> jobs.Tensors:
@@ -113,17 +105,25 @@ def load_tensors(cfg: PipelineConfig) -> jobs.Tensors:
     )
 
 
-def new_model(cfg: PipelineConfig, seed: int) -> tuple[torch.nn.Module, Any]:
+def new_unet(cfg: PipelineConfig, seed: int) -> tuple[torch.nn.Module, Any]:
     """A seeded random UNet of the pipeline's architecture and its DDPM scheduler."""
     from sophon_ray.models import build_diffusion
 
+    check_inputs(cfg)
     torch.manual_seed(seed)
     return build_diffusion(cfg.arch, cfg.input.channels, cfg.input.size)
 
 
+def new_model(cfg: PipelineConfig, num_classes: int, seed: int) -> torch.nn.Module:
+    """A seeded random UNet (`num_classes` is ignored: a UNet has no head)."""
+    return new_unet(cfg, seed)[0]
+
+
 def scheduler(cfg: PipelineConfig) -> Any:
-    """The pipeline's DDPM scheduler (diffusers `DDPMScheduler`)."""
-    return new_model(cfg, 0)[1]
+    """The pipeline's DDPM scheduler (diffusers `DDPMScheduler`), without building a UNet."""
+    from sophon_ray.models.diffusion import build_scheduler
+
+    return build_scheduler(cfg.arch)
 
 
 def load_for(cfg: PipelineConfig, source: str | Path, t: jobs.Tensors) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -160,19 +160,29 @@ def mse(cfg: PipelineConfig, model: torch.nn.Module, x: torch.Tensor, alphas_cum
     return denoising_mse(model, x, alphas_cumprod, grid, s.eval_seed, cfg.attack.eval_batch)
 
 
-def source_metric(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors) -> float:
-    """The guard's reference value: original-domain test MSE of the (unprotected) model."""
+def original_metric(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors) -> float:
+    """Original-domain test MSE (the guard's quantity; of the source model: the guard's reference)."""
     return mse(cfg, model, t.original_test[0], scheduler(cfg).alphas_cumprod)
+
+
+source_metric = original_metric
+
+
+def model_metrics(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors) -> dict[str, float]:
+    """Original and restricted test MSE of a model (what metrics.json records)."""
+    alphas = scheduler(cfg).alphas_cumprod
+    return {"original_test_mse": mse(cfg, model, t.original_test[0], alphas),
+            "restricted_test_mse": mse(cfg, model, t.restricted_test[0], alphas)}
 
 
 # -- pretrain / protect -------------------------------------------------------------------
 
 
-def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print) -> Path:
+def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print, on_metrics: Metrics = _no_metrics) -> Path:
     """Train the unprotected source UNet on the original domain (ε-prediction MSE, AdamW + cosine)."""
     t = load_tensors(cfg)
     p = cfg.pretrain
-    model, sched = new_model(cfg, p.seed)
+    model, sched = new_unet(cfg, p.seed)
     obj = objective(cfg, sched.alphas_cumprod)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
@@ -187,13 +197,14 @@ def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print) -> Path:
         loss.backward()
         opt.step()
         lr_sched.step()
+        if step % 10 == 0 or step == p.steps:
+            on_metrics(step, {"train_loss": loss.item()})
         if step % max(p.steps // 5, 1) == 0 or step == p.steps:
             log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
-    orig = mse(cfg, model, t.original_test[0], sched.alphas_cumprod)
-    restr = mse(cfg, model, t.restricted_test[0], sched.alphas_cumprod)
-    metrics = {"original_test_mse": orig, "restricted_test_mse": restr, "seconds": round(time.perf_counter() - start, 2)}
-    log(f"pretrain done: original test MSE {orig:.4f}, restricted test MSE {restr:.4f}")
-    card = jobs.make_card(cfg, t, "source", {"config": to_dict(cfg.pretrain)})
+    metrics = {**model_metrics(cfg, model, t), "seconds": round(time.perf_counter() - start, 2)}
+    log(f"pretrain done: original test MSE {metrics['original_test_mse']:.4f}, "
+        f"restricted test MSE {metrics['restricted_test_mse']:.4f}")
+    card = jobs.make_card(cfg, t, "source", {"config": to_dict(cfg.pretrain), "stage_hash": source_stage_hash(cfg)})
     return cardlib.save_model_dir(out, model, card, metrics)
 
 
@@ -214,7 +225,8 @@ def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensor
     )
 
 
-def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print) -> Path:
+def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print,
+            on_metrics: Metrics = _no_metrics) -> Path:
     """Run SOPHON in-process on a source UNet and write the protected model directory."""
     from sophon_ray.core import run
     from sophon_ray.core.protect import validate_config
@@ -228,6 +240,7 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log =
     every = max(cfg.protect.iterations // 10, 1)
 
     def progress(it: int, m: dict[str, float]) -> None:
+        on_metrics(it, m)
         if it % every == 0 or it == cfg.protect.iterations:
             orig = f" orig_mse {m['orig_metric']:.4f}" if "orig_metric" in m else ""
             fts = f" fts_loss {m['fts_loss']:.4f} sim_mse {m['sim_metric']:.4f}" if "fts_loss" in m else ""
@@ -235,14 +248,15 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log =
             log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - start:.1f}s)")
 
     run(prot, progress)
-    orig = mse(cfg, model, t.original_test[0], prot.objective.alphas_cumprod)
-    restr = mse(cfg, model, t.restricted_test[0], prot.objective.alphas_cumprod)
+    final = model_metrics(cfg, model, t)
+    orig = final["original_test_mse"]
     metrics = {
-        "original_test_mse": orig, "source_original_test_mse": source_mse, "restricted_test_mse": restr,
+        **final, "source_original_test_mse": source_mse,
         "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect)}
+    lineage = {"source": {"path": cardlib.lineage_path(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect),
+               "stage_hash": protect_stage_hash(cfg, src_card["sha256"], 0)}
     log(f"protect done: original test MSE {orig:.4f} (source {source_mse:.4f}), {prot.guard.rollbacks} guard rollbacks")
     return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
 
@@ -269,7 +283,7 @@ def validate_recipe(recipe: Recipe) -> None:
                         f"strategy={'|'.join(DIFFUSION_STRATEGIES)} (e.g. --recipe strategy=all,optimizer=adam,lr=1e-3)")
 
 
-def finetune_kwargs(cfg: PipelineConfig, t: jobs.Tensors, seed: int) -> dict[str, Any]:
+def finetune_kwargs(cfg: PipelineConfig, t: jobs.Tensors, model: torch.nn.Module | None, seed: int) -> dict[str, Any]:
     """The diffusion-specific arguments of `core.attack.finetune` (train, evaluate, head_keys, loss_fn):
     restricted training images, restricted test MSE, no head, ε-prediction loss over the whole schedule
     with noise/timesteps from a generator seeded by `seed`."""
@@ -292,7 +306,7 @@ def attack_run(
 
     validate_recipe(recipe)
     t = t or load_tensors(cfg)
-    model = new_model(cfg, 10_000 + seed)[0] if model_src is None else load_for(cfg, model_src, t)[0]
+    model = new_unet(cfg, 10_000 + seed)[0] if model_src is None else load_for(cfg, model_src, t)[0]
     alphas = scheduler(cfg).alphas_cumprod
     torch.manual_seed(seed)
     original: dict[int, float] = {}
@@ -302,7 +316,7 @@ def attack_run(
             original[steps] = mse(cfg, model, t.original_test[0], alphas)
 
     curve = finetune(model, recipe, budgets=cfg.attack.budgets, seed=seed, on_budget=on_budget,
-                     **finetune_kwargs(cfg, t, seed))
+                     **finetune_kwargs(cfg, t, model, seed))
     return AttackResult(curve, original, model)
 
 
@@ -349,46 +363,24 @@ def compare(
     return trials
 
 
-# -- samples and the judge ------------------------------------------------------------------
+# -- samples and the judge (implemented in diffusion_samples) -------------------------------
 
 
-def generate(cfg: PipelineConfig, model: torch.nn.Module) -> torch.Tensor:
-    """`diffusion.samples` DDPM samples (fixed seed, `diffusion.sample_steps` steps), (n, C, S, S)."""
-    from sophon_ray.core.diffusion import sample
+def audit_extras(cfg: PipelineConfig, audit: dict[str, Any], subjects: dict[str, str | None], out: Path,
+                 log: Log = print, enabled: bool = True, judge_dir: str | Path | None = None) -> dict[str, Any]:
+    """After a diffusion audit: `sample_report` with the strongest recipe against the protected model,
+    or, when disabled (`--no-samples`, `diffusion.samples=0`), a samples.json saying so and how to make them."""
+    from sophon_ray.card import write_json_atomic
 
-    s = settings(cfg)
-    shape = (cfg.input.channels, cfg.input.size, cfg.input.size)
-    return sample(model, scheduler(cfg), s.samples, shape, s.sample_steps, s.sample_seed)
-
-
-def save_grid(cfg: PipelineConfig, images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
-    """Write normalised images (N, C, S, S) as a PNG grid (pixels de-normalised with input.mean/std)."""
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
-
-    mean = torch.tensor(cfg.input.mean).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.input.std).view(1, -1, 1, 1)
-    x = (images * std + mean).clamp(0, 1)  # (N, C, S, S) in [0, 1]
-    if scale > 1:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
-    return path
-
-
-def judge(judge_cfg: PipelineConfig, out: str | Path, log: Log = print) -> torch.nn.Module:
-    """The judge classifier of a pipeline (a classification config), trained once and cached in `out`."""
-    out = Path(out)
-    try:
-        return cardlib.load_model(out)[0]
-    except UserError:
-        log(f"training the judge classifier into {out}")
-        return cardlib.load_model(jobs.pretrain(judge_cfg, out, log=log))[0]
-
-
-def recognised(cfg: PipelineConfig, judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...]) -> float:
-    """Fraction of `samples` the judge labels as one of `classes` (e.g. the restricted digits)."""
-    from sophon_ray.core.diffusion import class_fraction
-
-    return class_fraction(judge_model, samples, classes)
+    recipe = strongest_recipe(audit)
+    why = ("--no-samples" if not enabled else "diffusion.samples=0" if settings(cfg).samples < 1
+           else "no ok trial of the protected model" if recipe is None else None)
+    if why is not None:
+        info = {"skipped": f"sample grids and the judge metric were skipped ({why}); make them with "
+                           f"`sophon-ray samples {cfg.name} --model {subjects.get('protected')} --audit {out}/audit.json`"}
+        write_json_atomic(Path(out) / "samples.json", info)
+        log(f"samples: {info['skipped']}")
+        return info
+    log(f"samples: fine-tune every subject with the strongest recipe ({recipe.strategy} {recipe.optimizer} "
+        f"lr {recipe.lr:g}) and sample {settings(cfg).samples} images each")
+    return sample_report(cfg, subjects, out, recipe, judge_dir=judge_dir, log=log)

@@ -1,23 +1,32 @@
 """Bind a pipeline config to data, models and the core engine: pretrain, protect, attack.
 
-These are the in-process jobs; the Ray Train / Ray Tune layers call the same functions.
+These are the in-process jobs; the CLI, the Ray Train / Ray Tune layers and MLflow wrappers
+call the same functions. Each entry point below dispatches on `cfg.kind` through the one table
+`KINDS` to the module that implements that kind (`classifier_jobs`: accuracy, the attacker
+maximises it; `diffusion_jobs`: denoising MSE, the attacker minimises it). Both modules provide
+the functions of the `KindJobs` protocol. The pieces both kinds share (tensors, the model card,
+compatibility checks, stage hashes) live here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
-from sophon_ray import card as cardlib
-from sophon_ray.config import PipelineConfig, Recipe, apply_overrides, config_hash, to_dict
+from sophon_ray.config import PipelineConfig, Recipe, apply_overrides, config_hash, extensions
 from sophon_ray.errors import UserError
 
 Log = Callable[[str], None]
+Metrics = Callable[[int, dict[str, float]], None]
+
+
+def _no_metrics(step: int, metrics: dict[str, float]) -> None:
+    return None
 
 
 def get_pipeline(name: str, smoke: bool = False, overrides: tuple[str, ...] | list[str] = ()) -> PipelineConfig:
@@ -27,6 +36,82 @@ def get_pipeline(name: str, smoke: bool = False, overrides: tuple[str, ...] | li
     if name not in PIPELINES:
         raise UserError(f"unknown pipeline {name!r}; run `sophon-ray pipelines` to list them ({', '.join(PIPELINES)})")
     return apply_overrides(PIPELINES[name].get_config(smoke=smoke), list(overrides))
+
+
+# -- what differs between kinds ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a model kind is measured and attacked, and which module implements its jobs.
+
+    metric: the restricted/original test metric ("accuracy" | "mse"), `label` its short form.
+    goal: what the attacker wants of the restricted metric ("max" | "min").
+    audit_suite / run_suite / smoke_suite: default attack suites of `audit`, `run`, `run --smoke`.
+    epsilon: the default allowed margin of the verdict (in units of the metric).
+    strategies: attack strategies the search space draws from.
+    default_recipe: the attack of `sophon-ray attack` / `samples` without --recipe.
+    """
+
+    module: str
+    metric: str
+    label: str
+    goal: str
+    audit_suite: str
+    run_suite: str
+    smoke_suite: str
+    epsilon: float
+    strategies: tuple[str, ...]
+    default_recipe: Recipe
+
+    def better(self, a: float, b: float) -> float:
+        """The value an attacker prefers of a and b."""
+        return max(a, b) if self.goal == "max" else min(a, b)
+
+
+KINDS: dict[str, Kind] = {
+    "classifier": Kind("sophon_ray.classifier_jobs", "accuracy", "acc", "max", "default-v1", "quick-v1", "test-v1",
+                       0.02, ("direct-all", "direct-FC", "initFC-all", "initFC-FC"), Recipe()),
+    "diffusion": Kind("sophon_ray.diffusion_jobs", "mse", "mse", "min", "diffusion-v1", "diffusion-v1",
+                      "diffusion-test-v1", 0.005, ("all", "up", "down"), Recipe("all", "adam", 1e-3, 16)),
+}
+
+
+def kind(cfg: PipelineConfig) -> Kind:
+    """The `Kind` of a pipeline (UserError for an unknown `cfg.kind`)."""
+    if cfg.kind not in KINDS:
+        raise UserError(f"pipeline {cfg.name!r} has unknown kind {cfg.kind!r}; use one of: {', '.join(KINDS)}")
+    return KINDS[cfg.kind]
+
+
+class KindJobs(Protocol):
+    """What a kind's module provides (`classifier_jobs`, `diffusion_jobs`); the dispatchers below
+    have the same signatures."""
+
+    def load_tensors(self, cfg: PipelineConfig) -> Tensors: ...
+    def new_model(self, cfg: PipelineConfig, num_classes: int, seed: int) -> torch.nn.Module: ...
+    def load_for(self, cfg: PipelineConfig, source: str | Path, t: Tensors) -> tuple[torch.nn.Module, dict]: ...
+    def original_metric(self, cfg: PipelineConfig, model: torch.nn.Module, t: Tensors) -> float: ...
+    def model_metrics(self, cfg: PipelineConfig, model: torch.nn.Module, t: Tensors) -> dict[str, float]: ...
+    def build_protection(self, cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, source_value: float,
+                         **dist: Any) -> Any: ...
+    def pretrain(self, cfg: PipelineConfig, out: str | Path, log: Log, on_metrics: Metrics) -> Path: ...
+    def protect(self, cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log, on_metrics: Metrics) -> Path: ...
+    def validate_recipe(self, recipe: Recipe) -> None: ...
+    def attack(self, cfg: PipelineConfig, model_src: str | Path | None, recipe: Recipe, seed: int,
+               t: Tensors | None) -> dict[int, float]: ...
+    def finetune_kwargs(self, cfg: PipelineConfig, t: Tensors, model: torch.nn.Module, seed: int) -> dict[str, Any]: ...
+    def get_suite(self, name: str) -> tuple[Recipe, ...]: ...
+    def audit_extras(self, cfg: PipelineConfig, audit: dict, subjects: dict[str, str | None], out: Path,
+                     log: Log, enabled: bool, judge_dir: str | Path | None) -> dict | None: ...
+
+
+def impl(cfg: PipelineConfig) -> KindJobs:
+    """The module implementing the jobs of `cfg.kind` (imported on first use)."""
+    return importlib.import_module(kind(cfg).module)  # type: ignore[return-value]
+
+
+# -- shared pieces ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -39,36 +124,6 @@ class Tensors:
     restricted_test: tuple[torch.Tensor, torch.Tensor]
     num_classes: int
     names: dict[str, Any]
-
-
-def load_tensors(cfg: PipelineConfig) -> Tensors:
-    """Load the original and (first) restricted domain and preprocess them per `cfg.input`."""
-    from sophon_ray.data import load_domain, preprocess
-
-    if len(cfg.restricted) != 1:
-        raise UserError("this version protects against exactly one restricted domain; set restricted to a 1-tuple")
-    orig, restr = load_domain(cfg.original), load_domain(cfg.restricted[0])
-    if orig.num_classes != restr.num_classes:
-        raise UserError(
-            f"original ({orig.num_classes} classes) and restricted ({restr.num_classes}) label spaces differ; "
-            "select the same number of classes in original.classes and restricted.0.classes"
-        )
-    return Tensors(
-        original_train=preprocess(orig.train, cfg.input),
-        original_test=preprocess(orig.test, cfg.input),
-        restricted_train=preprocess(restr.train, cfg.input),
-        restricted_test=preprocess(restr.test, cfg.input),
-        num_classes=orig.num_classes,
-        names={"original": orig.name, "restricted": [restr.name]},
-    )
-
-
-def new_model(cfg: PipelineConfig, num_classes: int, seed: int) -> torch.nn.Module:
-    """A randomly initialised model of the pipeline's architecture (seeded)."""
-    from sophon_ray.models import build_classifier
-
-    torch.manual_seed(seed)
-    return build_classifier(cfg.arch, num_classes, cfg.input.channels, cfg.input.size)
 
 
 def head_keys(model: torch.nn.Module) -> tuple[str, ...]:
@@ -112,11 +167,48 @@ def eval_batch(cfg: PipelineConfig) -> int:
     return cfg.attack.eval_batch
 
 
-Metrics = Callable[[int, dict[str, float]], None]
+def source_stage_hash(cfg: PipelineConfig) -> str:
+    """What determines the source model: data, input, architecture and pre-training config."""
+    return config_hash((cfg.input, cfg.original, cfg.restricted, cfg.arch, cfg.pretrain))
 
 
-def _no_metrics(step: int, metrics: dict[str, float]) -> None:
-    return None
+def protect_stage_hash(cfg: PipelineConfig, source_sha: str, workers: int) -> str:
+    """What determines a protected model: the protect config (and kind extensions such as
+    `diffusion`), the data, the source and the worker count."""
+    return config_hash((cfg.protect, cfg.input, cfg.restricted, *extensions(cfg))) + f"-{source_sha[:8]}-w{workers}"
+
+
+# -- the entry points: one line each, dispatched by kind ------------------------------------
+
+
+def load_tensors(cfg: PipelineConfig) -> Tensors:
+    """Load the original and (first) restricted domain, preprocessed per `cfg.input`."""
+    return impl(cfg).load_tensors(cfg)
+
+
+def new_model(cfg: PipelineConfig, num_classes: int, seed: int) -> torch.nn.Module:
+    """A randomly initialised model of the pipeline's architecture (seeded); a UNet ignores num_classes."""
+    return impl(cfg).new_model(cfg, num_classes, seed)
+
+
+def load_for(cfg: PipelineConfig, source: str | Path, t: Tensors) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a model directory / URI and refuse one that does not fit the pipeline's data."""
+    return impl(cfg).load_for(cfg, source, t)
+
+
+def original_metric(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors) -> float:
+    """The original-domain test metric of `model` (the guard's quantity)."""
+    return impl(cfg).original_metric(cfg, model, t)
+
+
+def model_metrics(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors) -> dict[str, float]:
+    """The final test metrics a protected model's metrics.json records, e.g. original_test_<metric>."""
+    return impl(cfg).model_metrics(cfg, model, t)
+
+
+def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, source_value: float, **dist: Any):
+    """The core `Protection` of the pipeline (shared by local and Ray Train runs)."""
+    return impl(cfg).build_protection(cfg, model, t, source_value, **dist)
 
 
 def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print, on_metrics: Metrics = _no_metrics) -> Path:
@@ -124,62 +216,7 @@ def pretrain(cfg: PipelineConfig, out: str | Path, log: Log = print, on_metrics:
 
     `on_metrics(step, metrics)` receives the training loss every 10 steps (e.g. for MLflow).
     """
-    from sophon_ray.core import accuracy
-
-    t = load_tensors(cfg)
-    p = cfg.pretrain
-    model = new_model(cfg, t.num_classes, p.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
-    g = torch.Generator().manual_seed(p.seed)
-    x, y = t.original_train
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, p.steps + 1):
-        idx = torch.randint(len(x), (p.batch_size,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 10 == 0 or step == p.steps:
-            on_metrics(step, {"train_loss": loss.item()})
-        if step % max(p.steps // 5, 1) == 0 or step == p.steps:
-            log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
-    acc = accuracy(model, *t.original_test, batch_size=eval_batch(cfg))
-    metrics = {"original_test_accuracy": acc, "seconds": round(time.perf_counter() - start, 2)}
-    log(f"pretrain done: original test accuracy {acc:.4f}")
-    card = make_card(cfg, t, "source", {"config": to_dict(cfg.pretrain), "stage_hash": source_stage_hash(cfg)})
-    return cardlib.save_model_dir(out, model, card, metrics)
-
-
-def load_for(cfg: PipelineConfig, source: str | Path, t: Tensors) -> tuple[torch.nn.Module, dict[str, Any]]:
-    model, card = cardlib.load_model(source)
-    check_compatible(card, cfg, t.num_classes, str(source))
-    return model, card
-
-
-def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, source_acc: float, **dist: Any):
-    """The core `Protection` for a classification pipeline (shared by local and Ray Train runs)."""
-    from sophon_ray.core import ClassificationObjective, Protection, ProtectData, accuracy, get_loss
-
-    objective = ClassificationObjective(get_loss(cfg.protect.loss, cfg.kind))
-    data = ProtectData(original=t.original_train, restricted=t.restricted_train)
-    return Protection(
-        model, cfg.protect, data, objective,
-        evaluate_original=lambda: accuracy(model, *t.original_test, batch_size=eval_batch(cfg)),
-        source_value=source_acc, higher_is_better=True, head_keys=head_keys(model), **dist,
-    )
-
-
-def source_stage_hash(cfg: PipelineConfig) -> str:
-    """What determines the source model: data, input, architecture and pre-training config."""
-    return config_hash((cfg.input, cfg.original, cfg.restricted, cfg.arch, cfg.pretrain))
-
-
-def protect_stage_hash(cfg: PipelineConfig, source_sha: str, workers: int) -> str:
-    """What determines a protected model: the protect config, the data, the source and the worker count."""
-    return config_hash((cfg.protect, cfg.input, cfg.restricted)) + f"-{source_sha[:8]}-w{workers}"
+    return impl(cfg).pretrain(cfg, out, log=log, on_metrics=on_metrics)
 
 
 def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print,
@@ -188,64 +225,35 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log =
 
     `on_metrics(iteration, metrics)` receives every outer iteration's metrics.
     """
-    from sophon_ray.core import accuracy, run
-    from sophon_ray.core.protect import validate_config
-
-    validate_config(cfg.protect, cfg.kind)
-    t = load_tensors(cfg)
-    model, src_card = load_for(cfg, source, t)
-    source_acc = accuracy(model, *t.original_test, batch_size=eval_batch(cfg))
-    prot = build_protection(cfg, model, t, source_acc)
-    start = time.perf_counter()
-    every = max(cfg.protect.iterations // 10, 1)
-
-    def progress(it: int, m: dict[str, float]) -> None:
-        on_metrics(it, m)
-        if it % every == 0 or it == cfg.protect.iterations:
-            orig = f" orig_acc {m['orig_metric']:.3f}" if "orig_metric" in m else ""
-            log(
-                f"protect {it}/{cfg.protect.iterations} fts_loss {m['fts_loss']:.3f} sim_acc {m['sim_metric']:.3f} "
-                f"ntr_loss {m['ntr_loss']:.3f}{orig} ({time.perf_counter() - start:.1f}s)"
-            )
-
-    run(prot, progress)
-    acc = accuracy(model, *t.original_test, batch_size=eval_batch(cfg))
-    metrics = {
-        "original_test_accuracy": acc,
-        "source_original_test_accuracy": source_acc,
-        "guard_rollbacks": prot.guard.rollbacks,
-        "iterations": prot.iteration,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect),
-               "stage_hash": protect_stage_hash(cfg, src_card["sha256"], 0)}
-    log(f"protect done: original test accuracy {acc:.4f} (source {source_acc:.4f}), {prot.guard.rollbacks} guard rollbacks")
-    return cardlib.save_model_dir(out, model, make_card(cfg, t, "protected", lineage), metrics)
+    return impl(cfg).protect(cfg, source, out, log=log, on_metrics=on_metrics)
 
 
-def attack(
-    cfg: PipelineConfig,
-    model_src: str | Path | None,
-    recipe: Recipe,
-    seed: int = 0,
-    t: Tensors | None = None,
-) -> dict[int, float]:
+def validate_recipe(cfg: PipelineConfig, recipe: Recipe) -> None:
+    """UserError for a recipe this kind of model cannot take (e.g. a head strategy for a UNet)."""
+    impl(cfg).validate_recipe(recipe)
+
+
+def attack(cfg: PipelineConfig, model_src: str | Path | None, recipe: Recipe, seed: int = 0,
+           t: Tensors | None = None) -> dict[int, float]:
     """One real fine-tuning run on the restricted domain; `model_src=None` attacks a scratch model.
 
-    Returns the restricted test accuracy at each of `cfg.attack.budgets`.
+    Returns the restricted test metric (`kind(cfg).metric`) at each of `cfg.attack.budgets`.
     """
-    from sophon_ray.core import accuracy, finetune
-    from sophon_ray.core.attack import validate_recipe
+    return impl(cfg).attack(cfg, model_src, recipe, seed=seed, t=t)
 
-    validate_recipe(recipe)
-    t = t or load_tensors(cfg)
-    if model_src is None:
-        model = new_model(cfg, t.num_classes, 10_000 + seed)
-    else:
-        model, _ = load_for(cfg, model_src, t)
-    torch.manual_seed(seed)
-    return finetune(
-        model, recipe, t.restricted_train, cfg.attack.budgets,
-        evaluate=lambda m: accuracy(m, *t.restricted_test, batch_size=eval_batch(cfg)),
-        head_keys=head_keys(model), seed=seed,
-    )
+
+def finetune_kwargs(cfg: PipelineConfig, t: Tensors, model: torch.nn.Module, seed: int) -> dict[str, Any]:
+    """The kind-specific arguments of `core.attack.finetune` (train, evaluate, head_keys[, loss_fn])."""
+    return impl(cfg).finetune_kwargs(cfg, t, model, seed)
+
+
+def get_suite(cfg: PipelineConfig, name: str | None) -> tuple[Recipe, ...]:
+    """A named attack suite for the pipeline's kind (None: the kind's audit default)."""
+    return impl(cfg).get_suite(name or kind(cfg).audit_suite)
+
+
+def audit_extras(cfg: PipelineConfig, audit: dict[str, Any], subjects: dict[str, str | None], out: Path,
+                 log: Log = print, enabled: bool = True, judge_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """Kind-specific additions to an audit directory (diffusion: sample grids and the judge
+    metric in `samples.json`, the judge cached in `judge_dir`); returns what was written (None: nothing)."""
+    return impl(cfg).audit_extras(cfg, audit, subjects, out, log, enabled, judge_dir)

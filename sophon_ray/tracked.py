@@ -6,6 +6,10 @@ audit trials reach MLflow through a Tune callback on the driver. The store and e
 created before any Ray worker or trial starts. Registration happens only after a run
 succeeded: protect registers a new version with alias `candidate`; an audit of that exact
 sha256 tags it and, if it passed, sets alias `audited`.
+
+Metric names say what they measure: per-iteration protection metrics are logged as
+`sim_<metric>` / `orig_<metric>` (e.g. `sim_mse`, `orig_accuracy`), final metrics come from the
+model's metrics.json (`original_test_mse`, ...), the audit's worst case as `worst_<subject>_<metric>`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ Log = Callable[[str], None]
 
 def default_model_name(cfg: PipelineConfig) -> str:
     return f"sophon-{cfg.name}"
+
+
+def named_metrics(cfg: PipelineConfig, m: dict[str, float]) -> dict[str, float]:
+    """Protection metrics with the generic `*_metric` keys renamed after the kind's metric."""
+    metric = jobs.kind(cfg).metric
+    return {(k[: -len("metric")] + metric if k.endswith("_metric") else k): v for k, v in m.items()}
 
 
 def pretrain(cfg: PipelineConfig, out: Path, log: Log) -> Path:
@@ -48,7 +58,7 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
     options = {"workers": workers, "source": str(source)}
     with tracking.Tracker.start("protect", cfg.name, {**to_dict(cfg), "run": options},
                                 tags={"source_model": str(source)}) as run:
-        record = lambda step, m: run.log_metrics(m, step)  # noqa: E731
+        record = lambda step, m: run.log_metrics(named_metrics(cfg, m), step)  # noqa: E731
         if workers > 0:
             from sophon_ray.train.driver import protect_distributed
 
@@ -77,6 +87,7 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
                                 tags={"audited_model": str(model)}) as run:
         result = run_audit(cfg, model, out=out, log=log, callbacks=[tracking.AuditCallback(run.run_id, uri)], **options)
         run.log_audit(result, out)
+        run.log_metrics(_samples_metrics(Path(out)))
         targets = tracking.versions_with_sha256(result["model"]["sha256"])
         if model_name is not None and version is not None:
             targets = sorted(set(targets) | {(model_name, int(version))})
@@ -84,6 +95,23 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
             passed = tracking.record_audit(name, ver, result, run.run_id)
             log(f"registry: {name} version {ver} audit {'passed -> alias audited' if passed else 'failed (not promoted)'}")
     return result
+
+
+def _samples_metrics(out: Path) -> dict[str, float]:
+    """`recognised_<subject>_<before|after>` (the judge metric) and `samples_mse_<subject>` from a
+    diffusion audit's samples.json; {} when there is none."""
+    import json
+
+    path = out / "samples.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    metrics: dict[str, float] = {}
+    for subject, row in (info.get("subjects") or {}).items():
+        for when in ("before", "after"):
+            if (row.get(when) or {}).get("recognised") is not None:
+                metrics[f"recognised_{subject}_{when}"] = row[when]["recognised"]
+        if row.get("restricted_test_mse") is not None:
+            metrics[f"samples_mse_{subject}"] = row["restricted_test_mse"]
+    return metrics
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from sophon_ray import jobs, tracked
 from sophon_ray.card import read_card, write_json_atomic
-from sophon_ray.config import PipelineConfig, config_hash
+from sophon_ray.config import PipelineConfig, config_hash, extensions
 
 Log = Callable[[str], None]
 
@@ -31,11 +31,12 @@ def run_pipeline(
     root: Path,
     *,
     workers: int = 2,
-    suite: str | None = "quick-v1",
+    suite: str | None = None,
     search: int | None = None,
     seeds: int = 2,
     concurrency: int | None = None,
-    epsilon: float = 0.02,
+    epsilon: float | None = None,
+    samples: bool = True,
     model_name: str | None = None,
     ray_address: str | None = None,
     storage_path: str | None = None,
@@ -43,10 +44,17 @@ def run_pipeline(
     verbose: bool = False,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Run every stage (skipping those already done for this config); returns a summary dict."""
+    """Run every stage (skipping those already done for this config); returns a summary dict.
+
+    `suite` (None: the kind's `run_suite`) or `search` picks the audit's attacks; `epsilon` None is the
+    kind's default; `samples` lets a diffusion audit draw sample grids and judge them (judge cached in
+    `root/judge`)."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
+    kind = jobs.kind(cfg)
+    suite = None if search is not None else (suite or kind.run_suite)
+    epsilon = kind.epsilon if epsilon is None else epsilon
     tracking.ensure_store()  # fail fast on an unreachable server, before any work
     started = time.perf_counter()
     times: dict[str, float] = {}
@@ -80,7 +88,7 @@ def run_pipeline(
 
         t0 = time.perf_counter()
         audit_dir = root / "audit"
-        stage = config_hash((cfg.attack,)) + f"-{protected_sha[:8]}-{suite}-{search}-{seeds}-{epsilon}"
+        stage = config_hash((cfg.attack, *extensions(cfg))) + f"-{protected_sha[:8]}-{suite}-{search}-{seeds}-{epsilon}-{samples}"
         done = audit_dir / "stage.json"
         if (audit_dir / "audit.json").exists() and done.exists() and json.loads(done.read_text()).get("stage") == stage:
             log(f"[3/3] audit: {audit_dir / 'audit.json'} is up to date, skipped")
@@ -89,7 +97,7 @@ def run_pipeline(
             log("[3/3] audit on Ray Tune: attacks on protected, scratch and original models")
             result = tracked.audit(cfg, str(protected), audit_dir, log, model_name=model_name, version=version,
                                    suite=suite, search=search, seeds=seeds, concurrency=concurrency, epsilon=epsilon,
-                                   ray_address=ray_address)
+                                   ray_address=ray_address, samples=samples, judge_dir=str(root / "judge"))
             write_json_atomic(done, {"stage": stage})
         times["audit"] = time.perf_counter() - t0
     finally:

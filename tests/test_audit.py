@@ -164,3 +164,37 @@ def test_planner_plans_explore_then_reruns_of_top_recipes():
     reruns = [p.suggest(f"r{i}") for i in range(8)]
     assert {(c["index"], c["seed"]) for c in reruns} == {(1, 1), (0, 1), (1, 2), (0, 2)}
     assert p.suggest("r8") == p.FINISHED and p.total == 6 + 8
+
+
+def test_minimising_goal_ranks_lowest_first_and_skips_diverged():
+    from sophon_ray.audit.verdict import verdict, worst_case
+
+    recipes = tuple(Recipe("all", lr=lr) for lr in (1e-4, 1e-3, 1e-2))
+    p = AuditPlanner(("protected", "scratch"), recipes=recipes, seeds=1, top_k=1, goal="min")
+    configs = [p.suggest(f"t{i}") for i in range(6)]
+    values = {"protected": [0.3, 0.1, float("inf")], "scratch": [0.2, 0.5, 0.4]}  # inf: every budget diverged
+    for i, c in enumerate(configs):
+        p.on_trial_complete(f"t{i}", {"best": values[c["subject"]][c["index"]]})
+    assert p.ranking("protected") == [(1, 0.1), (0, 0.3)] and p.rerun_indices() == [1, 0]
+    trials = [{"subject": "protected", "status": "ok", "curve": {"5": 0.30, "10": None}},
+              {"subject": "protected", "status": "ok", "curve": {"5": 0.25, "10": 0.2}},
+              {"subject": "scratch", "status": "ok", "curve": {"5": 0.40, "10": 0.22}},
+              {"subject": "scratch", "status": "failed", "curve": {}}]
+    worst = worst_case(trials, "min")
+    assert worst == {"protected": {"5": 0.25, "10": 0.2}, "scratch": {"5": 0.40, "10": 0.22}}
+    v = verdict(worst, 0.005, "min")  # margin = the largest MSE reduction protected gives over scratch
+    assert v["margin"] == pytest.approx(0.40 - 0.25) and v["passed"] is False
+
+
+def test_plan_resolves_relative_model_paths(models, cfg, monkeypatch):
+    """Tune trials run in their own working directory: every subject path must be absolute
+    (regression: `make demo` writes out/digits/... relative to the repository)."""
+    from sophon_ray.audit.driver import make_plan
+    from sophon_ray.card import lineage_path
+
+    monkeypatch.chdir(models)
+    assert lineage_path("source") == str(models / "source") and lineage_path("models:/m@a") == "models:/m@a"
+    plan = make_plan(cfg, "protected", suite="test-v1", search=None, budgets=(5, 10), seeds=1, fault_trial=None,
+                     log=lambda m: None)
+    assert plan.subjects["protected"] == str(models / "protected")
+    assert plan.subjects["original"] == str(models / "source") and plan.subjects["scratch"] is None

@@ -1,5 +1,7 @@
 """Generation mode on unet-tiny: the ε-prediction objective, timestep sampling, evaluation,
-protection end to end, attacks and bad input (fast: tiny seeded UNets, smoke settings)."""
+protection end to end, attacks and bad input (fast: tiny seeded UNets, smoke settings), and the
+same commands as classification for a diffusion pipeline: CLI pretrain/protect/attack/samples,
+the Ray Tune audit (MSE, attacker goal min) and one-line bad-input errors."""
 
 from __future__ import annotations
 
@@ -140,15 +142,27 @@ def test_sampling_is_seeded_and_bounded(unet):
     assert class_fraction(judge, s1, (5, 6, 7, 8, 9)) == 1.0 and class_fraction(judge, s1, (0,)) == 0.0
 
 
+SMOKE = ["--smoke"]
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def cli_models(tmp_path_factory):
+    """digits-diffusion smoke models made through the console script: source, protected (in-process)."""
+    from sophon_ray.cli import main
+
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("digits-diffusion")
+    root = tmp_path_factory.mktemp("dd-cli")
+    assert main(["pretrain", "digits-diffusion", *SMOKE, "--out", str(root / "source")]) == 0
+    assert main(["protect", "digits-diffusion", *SMOKE, "--local", "--source", str(root / "source"),
+                 "--out", str(root / "protected")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke(cli_models):
+    """(cfg, tensors, source dir, protected dir) of the smoke models (made by the console script)."""
     cfg = digits_diffusion.get_config(smoke=True)
-    t = dj.load_tensors(cfg)
-    src = dj.pretrain(cfg, root / "source", log=lambda m: None)
-    prot = dj.protect(cfg, src, root / "protected", log=lambda m: None)
-    return cfg, t, src, prot
+    return cfg, dj.load_tensors(cfg), cli_models / "source", cli_models / "protected"
 
 
 def test_protect_end_to_end_writes_a_valid_model_dir(smoke):
@@ -201,3 +215,106 @@ def test_core_diffusion_does_not_import_diffusers():
     code = "import sys, sophon_ray.core.diffusion; print('diffusers' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+# -- the same commands as classification: CLI, Ray Tune audit, bad input ----------------------
+
+
+def test_cli_pretrain_protect_attack(cli_models, tmp_path, capsys):
+    from sophon_ray.cli import main
+
+    for role in ("source", "protected"):
+        card = json.loads((cli_models / role / "model.json").read_text())
+        assert card["kind"] == "diffusion" and card["role"] == role and card["lineage"]["stage_hash"]
+        metrics = json.loads((cli_models / role / "metrics.json").read_text())
+        assert {"original_test_mse", "restricted_test_mse"} <= set(metrics)
+    rc = main(["attack", "digits-diffusion", *SMOKE, "--model", str(cli_models / "protected"),
+               "--recipe", "strategy=up,optimizer=adam,lr=1e-3,batch_size=8", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "attack.json").read_text())
+    assert result["metric"] == "mse" and list(result["curve"]) == ["2", "4"]
+    assert all(0 < v < 5 for v in result["curve"].values())
+    assert "restricted mse" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~25 s: real local Ray Tune, 12 trials, then sample grids + a freshly trained judge
+def test_audit_on_ray_tune_minimises_mse_with_report_and_samples(cli_models, tmp_path):
+    from sophon_ray.audit.driver import run_audit
+    from sophon_ray.audit.space import SUBJECTS
+
+    from sophon_ray.config import apply_overrides
+
+    cheap = ["diffusion.eval_timesteps=2", "diffusion.samples=8", "diffusion.sample_steps=5"]
+    cfg = apply_overrides(digits_diffusion.get_config(smoke=True), cheap)
+    out, lines = tmp_path / "audit", []
+    audit = run_audit(cfg, str(cli_models / "protected"), out=out, suite="diffusion-test-v1", seeds=1,
+                      concurrency=2, top_k=1, log=lines.append)
+    assert json.loads((out / "audit.json").read_text()) == audit
+    assert audit["metric"] == "mse" and audit["attacker_goal"] == "min" and audit["budgets"] == [2, 4]
+    assert {t["subject"] for t in audit["trials"]} == set(SUBJECTS) and len({t["id"] for t in audit["trials"]}) >= 6
+    assert all(t["status"] == "ok" for t in audit["trials"])
+    for subject, curve in audit["worst_case"].items():  # worst case = the LOWEST MSE any recipe reached
+        values = [t["curve"][b] for t in audit["trials"] if t["subject"] == subject for b in ["4"]]
+        assert curve["4"] == min(values)
+    v, w = audit["verdict"], audit["worst_case"]
+    assert v["epsilon"] == 0.005 and v["margin"] == pytest.approx(max(w["scratch"][b] - w["protected"][b] for b in w["scratch"]))
+    for name in ("report.html", "curves.png", "scatter.png", "original.png", "samples.json"):
+        assert (out / name).stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert "attacker goal min" in page and "lower is better for the attacker" in page and "recognised" in page
+    samples = json.loads((out / "samples.json").read_text())
+    assert set(samples["subjects"]) == set(SUBJECTS) and "before" not in samples["subjects"]["scratch"]
+    assert 0.0 <= samples["subjects"]["protected"]["after"]["recognised"] <= 1.0
+    assert (out / samples["subjects"]["protected"]["after"]["grid"]).is_file()
+    assert samples["judge"]["test_accuracy"] > 0.5 and samples["judge"]["classes"] == [5, 6, 7, 8, 9]
+
+
+def test_samples_command_writes_grids_and_judge_metric(cli_models, tmp_path):
+    from sophon_ray.cli import main
+
+    out = tmp_path / "samples"
+    rc = main(["samples", "digits-diffusion", *SMOKE, "--model", str(cli_models / "protected"), "--steps", "2",
+               "--set", "diffusion.samples=4", "--set", "diffusion.sample_steps=3",
+               "--set", "diffusion.judge.pretrain.steps=20", "--out", str(out)])
+    assert rc == 0
+    info = json.loads((out / "samples.json").read_text())
+    assert info["steps"] == 2 and info["recipe"]["strategy"] == "all" and set(info["subjects"]) == {
+        "protected", "scratch", "original"}
+    assert all((out / row["after"]["grid"]).is_file() for row in info["subjects"].values())
+    assert (out / "judge" / "model.json").is_file()  # trained once, cached for the next call
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["pretrain", "digits-diffusion", "--set", "input.size=15"], "not divisible by the UNet's down-sampling factor"),
+        (["attack", "digits-diffusion", "--model", "{protected}", "--set", "input.channels=3"],
+         "takes 1-channel images but pipeline"),
+        (["attack", "digits-diffusion", "--model", "{protected}", "--recipe", "strategy=direct-FC"], "is for classifiers"),
+        (["attack", "digits-diffusion", "--model", "{classifier}"], "kind classifier != diffusion"),
+        (["protect", "digits-diffusion", "--local", "--source", "{classifier}"], "kind classifier != diffusion"),
+        (["audit", "digits-diffusion", "--model", "{protected}", "--suite", "default-v1"], "unknown diffusion attack suite"),
+        (["attack", "digits", "--model", "{protected}"], "kind diffusion != classifier"),
+        (["samples", "digits", "--model", "{protected}"], "needs a diffusion pipeline"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(cli_models, classifier_dir, argv, needle, tmp_path, capsys):
+    from sophon_ray.cli import main
+
+    argv = [a.format(protected=cli_models / "protected", classifier=classifier_dir) for a in argv]
+    rc = main([*argv, *SMOKE, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """An (untrained) digits classifier model directory: the wrong kind for digits-diffusion."""
+    from sophon_ray import jobs
+    from sophon_ray.card import save_model_dir
+
+    cfg = jobs.get_pipeline("digits", smoke=True)
+    t = jobs.load_tensors(cfg)
+    d = tmp_path_factory.mktemp("classifier") / "model"
+    return save_model_dir(d, jobs.new_model(cfg, t.num_classes, 0), jobs.make_card(cfg, t, "source", {}), {})

@@ -6,6 +6,12 @@ search, each recipe on every subject) and then the seeded re-runs of the best re
 writes `<out>/audit.json` (format "sophon-ray/audit@1", atomically, last), `report.html` with
 PNG plots, and keeps Tune's own files under `<out>/.tune/<experiment>`.
 
+The metric and the attacker's goal come from the pipeline's kind (`jobs.kind`): classifiers are
+audited on restricted test accuracy (the attacker maximises it), diffusion models on denoising
+MSE (the attacker minimises it; the worst case is the lowest MSE). After the trials, a kind may
+add to the audit directory (`jobs.audit_extras`: for diffusion, sample grids and the judge metric
+in `samples.json`, which the report shows).
+
 Test-only failure injection: `fault_trial="protected-r01-s0"` makes trials whose id contains
 the string fail their first attempt (exercises Tune's retry); `fault_trial=(text, "always")`
 makes them fail every attempt. The env var `SOPHON_RAY_FAULT_TRIAL="text"` or "text:always"
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -23,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sophon_ray import jobs
-from sophon_ray.audit.suites import DEFAULT_SUITE, get_suite, recipe_label
+from sophon_ray.audit.suites import recipe_label
 from sophon_ray.config import PipelineConfig
 from sophon_ray.errors import UserError
 
@@ -65,7 +72,7 @@ def _resolve_dir(model: str) -> str:
         from sophon_ray.tracking import download_model  # lazy: the only mlflow importer
 
         return str(download_model(str(model)))
-    return str(model)
+    return str(Path(model).resolve())  # absolute: Tune trials run in their own working directory
 
 
 def _original(cfg: PipelineConfig, card: dict[str, Any], t: jobs.Tensors, log: Log) -> str | None:
@@ -83,7 +90,7 @@ def _original(cfg: PipelineConfig, card: dict[str, Any], t: jobs.Tensors, log: L
     if src.get("sha256") and src["sha256"] != src_card["sha256"]:
         log(f"audit: source model {path} changed since protection (sha256 differs): no 'original' baseline")
         return None
-    return str(path)
+    return str(Path(path).resolve())
 
 
 def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
@@ -108,8 +115,7 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
     Returns:
         The validated Plan. Raises UserError on bad input.
     """
-    if cfg.kind != "classifier":
-        raise UserError(f"audit supports classifier pipelines in this version; {cfg.name!r} is {cfg.kind}")
+    kind = jobs.kind(cfg)
     budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
     if seeds is None or seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
@@ -117,7 +123,7 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
         raise UserError("pass either --suite NAME or --search N, not both")
     if search is not None and search < 1:
         raise UserError(f"--search {search}: the number of search trials must be at least 1")
-    recipes = get_suite(suite or DEFAULT_SUITE) if search is None else None
+    recipes = jobs.get_suite(cfg, suite) if search is None else None
     cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=budgets))
     t = jobs.load_tensors(cfg)
     model_dir = _resolve_dir(model)
@@ -126,7 +132,7 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
     original = _original(cfg, card, t, log)
     if original:
         subjects["original"] = original
-    mode = f"search{search}" if search is not None else (suite or DEFAULT_SUITE)
+    mode = f"search{search}" if search is not None else (suite or kind.audit_suite)
     return Plan(cfg, str(model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
                 _parse_fault(fault_trial))
 
@@ -158,7 +164,11 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     return started, concurrency or max(cpus, 1)
 
 
-def _progress_callback(planner: Any, log: Log):
+def _fmt(kind: jobs.Kind, value: float) -> str:
+    return f"{value:.4f}" if kind.metric == "mse" else f"{value:.3f}"
+
+
+def _progress_callback(planner: Any, kind: jobs.Kind, log: Log):
     from ray import tune
 
     class Progress(tune.Callback):
@@ -171,10 +181,11 @@ def _progress_callback(planner: Any, log: Log):
             self.done += 1
             c = trial.config
             value = (trial.last_result or {}).get("best")
-            if status == "ok" and value is not None:
-                self.best[c["subject"]] = max(self.best.get(c["subject"], value), value)
-            best = " ".join(f"{s} {self.best[s]:.3f}" for s in ("protected", "scratch", "original") if s in self.best)
-            got = f"{value:.3f}" if status == "ok" and value is not None else status.upper()
+            if status == "ok" and value is not None and math.isfinite(value):
+                self.best[c["subject"]] = kind.better(self.best.get(c["subject"], value), value)
+            best = " ".join(f"{s} {_fmt(kind, self.best[s])}" for s in ("protected", "scratch", "original")
+                            if s in self.best)
+            got = _fmt(kind, value) if status == "ok" and value is not None else status.upper()
             log(f"audit {self.done}/{planner.total} {c['id']:18s} {got:>7s} | best so far: {best} "
                 f"({time.perf_counter() - self.start:.0f}s)")
 
@@ -214,7 +225,8 @@ def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list
             trial_name_creator=lambda t: t.config["id"], trial_dirname_creator=lambda t: t.config["id"],
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), verbose=0, callbacks=[_progress_callback(planner, log), *callbacks],
+            name=name, storage_path=str(storage), verbose=0,
+            callbacks=[_progress_callback(planner, jobs.kind(plan.cfg), log), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
@@ -250,12 +262,13 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
     """The audit.json dict; planned-but-missing trials count as failed in the verdict."""
     from sophon_ray.audit.verdict import verdict, worst_case
 
+    kind = jobs.kind(plan.cfg)
     failed = sum(t["status"] != "ok" for t in trials) + max(0, expected - len(trials))
-    worst = worst_case(trials, "max")
+    worst = worst_case(trials, kind.goal)
     return {
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
-        "metric": "accuracy", "attacker_goal": "max", "budgets": list(plan.cfg.attack.budgets), "trials": trials,
-        "worst_case": worst, "verdict": verdict(worst, epsilon, "max", failed_trials=failed),
+        "metric": kind.metric, "attacker_goal": kind.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
+        "worst_case": worst, "verdict": verdict(worst, epsilon, kind.goal, failed_trials=failed),
     }
 
 
@@ -264,36 +277,46 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
     from sophon_ray.audit.local import table
 
     v = audit["verdict"]
-    log(f"\nBest restricted test accuracy an attacker reached ({planner.n_explore} recipes + re-runs, {wall:.0f}s):")
-    log(table(audit["worst_case"], tuple(audit["budgets"])))
+    goal = "highest" if audit["attacker_goal"] == "max" else "lowest"
+    log(f"\nBest ({goal}) restricted test {audit['metric']} an attacker reached ({planner.n_explore} recipes + "
+        f"re-runs, {wall:.0f}s):")
+    log(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4))
     for index, value in planner.ranking("protected")[:3]:
-        log(f"  top protected recipe r{index:02d} best {value:.3f}: {recipe_label(planner.recipes[index])}")
+        log(f"  top protected recipe r{index:02d} best {value:.4g}: {recipe_label(planner.recipes[index])}")
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
     log(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
         f"{v['failed_trials']} failed trials) -> {out / 'audit.json'}")
 
 
 def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
-              epsilon=0.02, ray_address=None, log=print, callbacks=None, fault_trial=None,
-              cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K) -> dict:
+              epsilon=None, ray_address=None, log=print, callbacks=None, fault_trial=None,
+              cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K,
+              samples: bool = True, judge_dir=None) -> dict:
     """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
 
     Args:
         cfg: the pipeline config; model: protected model directory or MLflow URI.
         out: output directory (audit.json, report.html, PNGs, .tune/).
-        suite: attack suite name (default "default-v1"); search: N Optuna trials instead.
+        suite: attack suite name (default: the kind's, "default-v1" or "diffusion-v1"); search: N
+            Optuna trials instead.
         budgets: step budgets (default cfg.attack.budgets); seeds: re-run seeds of the top recipes.
-        concurrency: max concurrent trials (default: all CPUs); epsilon: allowed margin.
+        concurrency: max concurrent trials (default: all CPUs); epsilon: allowed margin (default:
+            the kind's, 0.02 accuracy or 0.005 MSE).
         ray_address: Ray cluster address (None: local, or the caller's initialised Ray).
         log: one line at a time; callbacks: extra Tune callbacks (e.g. tracking).
         fault_trial: test-only failure injection (see the module docstring).
         cpus_per_trial, gpus_per_trial: resources of each trial (fractions allowed).
         top_k: best recipes (by protected, and by scratch) re-run with `seeds` seeds.
+        samples: let the kind add to the audit (diffusion: sample grids + judge metric, see
+            `jobs.audit_extras`; False writes a note instead); judge_dir: where the judge is cached
+            (default `<out>/judge`).
     Returns:
         The audit.json dict.
     """
     plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
                      fault_trial=fault_trial, log=log)
+    kind = jobs.kind(plan.cfg)
+    epsilon = kind.epsilon if epsilon is None else epsilon
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -303,26 +326,29 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     started, concurrency = _start_ray(ray_address, concurrency)
     try:
         subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
-        inner = optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search) if search is not None else None
+        inner = (optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search, goal=kind.goal, strategies=kind.strategies)
+                 if search is not None else None)
         out = Path(out)
         storage, name = experiment(plan, out)
         shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, never a silent resume
         fault = (*plan.fault, str(storage / name / ".faults")) if plan.fault else None
         planner = AuditPlanner(subjects, recipes=plan.recipes, inner=inner, n_search=search or 0, seeds=seeds,
-                               top_k=top_k, fault=fault)
+                               top_k=top_k, goal=kind.goal, fault=fault)
         log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
             f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
         start = time.perf_counter()
         grid = _tune(plan, planner, out, concurrency, list(callbacks or []), log, cpus_per_trial, gpus_per_trial)
         audit = assemble(plan, collect(grid, planner, plan.cfg.attack.budgets), planner.total, epsilon)
+        wall = time.perf_counter() - start
     finally:
         if started:
             ray.shutdown()
     from sophon_ray.audit.report import write_report
     from sophon_ray.card import write_json_atomic
 
+    jobs.audit_extras(plan.cfg, audit, plan.subjects, out, log, enabled=samples, judge_dir=judge_dir)
     write_report(audit, out, search=plan.search is not None, model_dir=plan.model_dir,
                  source_dir=plan.subjects.get("original"))
     write_json_atomic(out / "audit.json", audit)
-    _summary(audit, planner, out, time.perf_counter() - start, log)
+    _summary(audit, planner, out, wall, log)
     return audit

@@ -42,11 +42,13 @@ def compare(
     return trials
 
 
-def table(worst: dict[str, dict[str, float]], budgets: tuple[int, ...]) -> str:
-    """A plain-text table: rows = subjects, columns = step budgets (best attacker value)."""
-    head = f"{'subject':10s}" + "".join(f"{b:>8d}" for b in budgets)
+def table(worst: dict[str, dict[str, float]], budgets: tuple[int, ...], digits: int = 3) -> str:
+    """A plain-text table: rows = subjects, columns = step budgets (best attacker value, `digits` decimals)."""
+    w = max(8, digits + 5)
+    head = f"{'subject':10s}" + "".join(f"{b:>{w}d}" for b in budgets)
     rows = [head, "-" * len(head)]
     for subject in ("original", "scratch", "protected"):
         if subject in worst:
-            rows.append(f"{subject:10s}" + "".join(f"{worst[subject].get(str(b), float('nan')):8.3f}" for b in budgets))
+            rows.append(f"{subject:10s}" + "".join(f"{worst[subject].get(str(b), float('nan')):{w}.{digits}f}"
+                                                   for b in budgets))
     return "\n".join(rows)

@@ -6,7 +6,11 @@ report can be re-drawn from a finished audit:
 - `curves.png`: best attack over recipes and seeds at each budget, protected vs scratch vs original;
 - `scatter.png`: per recipe (seed 0), the protected model's best value vs scratch's;
 - `search.png` (search mode): best protected value so far vs trial number;
-- `original.png`: original-domain test accuracy of the protected model vs its source.
+- `original.png`: original-domain test metric of the protected model vs its source.
+
+"Best" follows the audit's `attacker_goal`: the highest accuracy, or the lowest diffusion MSE;
+every plot names the metric and the direction. A `samples.json` in the audit directory (diffusion:
+sample grids and the judge's "recognised as restricted" fraction) adds a section.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ def _index(trial_id: str) -> str:
     return trial_id.rsplit("-", 2)[1]  # "protected-r07-s0" -> "r07"
 
 
+def _best(audit: dict[str, Any], values: Any) -> float | None:
+    """The attacker's best of `values` (None entries = diverged are skipped)."""
+    finite = [v for v in values if v is not None]
+    if not finite:
+        return None
+    return max(finite) if audit["attacker_goal"] == "max" else min(finite)
+
+
+def _direction(audit: dict[str, Any]) -> str:
+    return "higher" if audit["attacker_goal"] == "max" else "lower"
+
+
 def per_recipe(audit: dict[str, Any], seed: int = 0) -> dict[str, dict[str, Any]]:
     """{"r07": {"recipe": {...}, "<subject>": best value}} over ok trials of one seed, in plan order.
 
@@ -49,8 +65,9 @@ def per_recipe(audit: dict[str, Any], seed: int = 0) -> dict[str, dict[str, Any]
         if t["seed"] != seed:
             continue
         row = out.setdefault(_index(t["id"]), {"recipe": t["recipe"]})
-        if t["status"] == "ok" and t["curve"]:
-            row[t["subject"]] = max(t["curve"].values())
+        best = _best(audit, t["curve"].values()) if t["status"] == "ok" else None
+        if best is not None:
+            row[t["subject"]] = best
     return out
 
 
@@ -73,91 +90,146 @@ def plot_curves(audit: dict[str, Any], path: Path) -> str:
     ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set(xlabel="fine-tuning steps (budget)", ylabel=f"best restricted test {audit['metric']}",
-           title="Best attack over all recipes and seeds")
+           title=f"Best attack over all recipes and seeds\n({_direction(audit)} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
 
 
-def plot_scatter(rows: dict[str, dict[str, Any]], path: Path) -> str:
+def plot_scatter(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, Any] | None = None) -> str:
     """Per recipe, protected best vs scratch best, marker by strategy; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
-    markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D"}
+    markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D", "all": "o", "up": "^",
+               "down": "v"}
+    pts_all: list[float] = []
     for strategy, marker in markers.items():
         pts = [(r["scratch"], r["protected"]) for r in rows.values()
                if r["recipe"]["strategy"] == strategy and "scratch" in r and "protected" in r]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, label=strategy, alpha=0.7)
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="protected = scratch")
-    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="scratch: best value", ylabel="protected: best value",
-           title="Per recipe (seed 0)")
+            pts_all += [v for p in pts for v in p]
+    metric, direction = (audit["metric"], _direction(audit)) if audit else ("accuracy", "higher")
+    if metric == "accuracy":
+        lo, hi = 0.0, 1.02
+    else:  # MSE: fit the data, with a margin
+        lo, hi = (min(pts_all, default=0.0), max(pts_all, default=1.0))
+        pad = 0.05 * (hi - lo or 1.0)
+        lo, hi = max(lo - pad, 0.0), hi + pad
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="protected = scratch")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"scratch: best {metric}", ylabel=f"protected: best {metric}",
+           title=f"Per recipe (seed 0; {direction} = better for the attacker)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_search(rows: dict[str, dict[str, Any]], path: Path) -> str:
+def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, Any] | None = None) -> str:
     """Best value so far vs search trial number, protected and scratch; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    maximise = audit is None or audit["attacker_goal"] == "max"
     for subject in ("protected", "scratch"):
-        xs, ys, best = [], [], float("-inf")
+        xs, ys, best = [], [], float("-inf") if maximise else float("inf")
         for n, r in enumerate(rows.values(), 1):
             if subject in r:
-                best = max(best, r[subject])
+                best = max(best, r[subject]) if maximise else min(best, r[subject])
                 xs.append(n)
                 ys.append(best)
         ax.step(xs, ys, where="post", label=subject, color=COLORS[subject])
-    ax.set(xlabel="search trial (recipe) number", ylabel="best value so far", title="Adversarial search progress")
+    metric = audit["metric"] if audit else "accuracy"
+    ax.set(xlabel="search trial (recipe) number",
+           ylabel=f"best restricted {metric} so far",
+           title=f"Adversarial search progress\n({'higher' if maximise else 'lower'} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
 
 
-def original_accuracy(model_dir: str | None, source_dir: str | None) -> dict[str, float]:
-    """Original-domain test accuracy of the protected model and its source, from metrics.json files."""
+def original_accuracy(model_dir: str | None, source_dir: str | None, metric: str = "accuracy") -> dict[str, float]:
+    """Original-domain test metric (`original_test_<metric>`) of the protected model and its source,
+    from metrics.json files."""
 
     def read(d: str | None) -> dict[str, Any]:
         f = Path(d) / "metrics.json" if d else None
         return json.loads(f.read_text()) if f and f.is_file() else {}
 
     m, s = read(model_dir), read(source_dir)
+    key = f"original_test_{metric}"
     out: dict[str, float] = {}
-    source = m.get("source_original_test_accuracy", s.get("original_test_accuracy"))
+    source = m.get(f"source_{key}", s.get(key))
     if source is not None:
         out["source"] = float(source)
-    if "original_test_accuracy" in m:
-        out["protected"] = float(m["original_test_accuracy"])
+    if key in m:
+        out["protected"] = float(m[key])
     return out
 
 
-def plot_original(acc: dict[str, float], path: Path) -> str:
-    """Bar of original-domain test accuracy, source vs protected; returns the file name."""
+def plot_original(acc: dict[str, float], path: Path, metric: str = "accuracy") -> str:
+    """Bar of the original-domain test metric, source vs protected; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4))
     names = [k for k in ("source", "protected") if k in acc]
     bars = ax.bar(names, [acc[k] for k in names], color=[COLORS["original"], COLORS["protected"]][: len(names)])
-    ax.bar_label(bars, fmt="%.3f")
-    ax.set(ylim=(0, 1.05), ylabel="original-domain test accuracy", title="Original task kept?")
+    ax.bar_label(bars, fmt="%.3f" if metric == "accuracy" else "%.4f")
+    if metric == "accuracy":
+        ax.set(ylim=(0, 1.05), ylabel="original-domain test accuracy (higher = better)", title="Original task kept?")
+    else:
+        ax.set(ylim=(0, 1.15 * max(acc.values(), default=1.0)),
+               ylabel=f"original-domain test {metric} (lower = better)", title="Original task kept?")
     return _save(fig, path)
+
+
+def _fmt(audit: dict[str, Any], v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if audit["metric"] == "accuracy" else f"{v:.4f}"
 
 
 def _table_html(audit: dict[str, Any]) -> str:
     budgets = audit["budgets"]
     head = "".join(f"<th>{b}</th>" for b in budgets)
     rows = "".join(
-        f"<tr><td>{s}</td>" + "".join(f"<td>{c.get(str(b), float('nan')):.3f}</td>" for b in budgets) + "</tr>"
+        f"<tr><td>{s}</td>" + "".join(f"<td>{_fmt(audit, c.get(str(b)))}</td>" for b in budgets) + "</tr>"
         for s, c in audit["worst_case"].items())
     return f"<table><tr><th>subject \\ steps</th>{head}</tr>{rows}</table>"
 
 
-def _top_html(rows: dict[str, dict[str, Any]], k: int = 10) -> str:
-    ranked = sorted((r for r in rows.values() if "protected" in r), key=lambda r: -r["protected"])[:k]
+def _top_html(audit: dict[str, Any], rows: dict[str, dict[str, Any]], k: int = 10) -> str:
+    sign = -1.0 if audit["attacker_goal"] == "max" else 1.0
+    ranked = sorted((r for r in rows.values() if "protected" in r), key=lambda r: sign * r["protected"])[:k]
     body = "".join(
-        f"<tr><td>{html.escape(recipe_label(Recipe(**r['recipe'])))}</td><td>{r['protected']:.3f}</td>"
-        f"<td>{r.get('scratch', float('nan')):.3f}</td><td>{r.get('original', float('nan')):.3f}</td></tr>"
+        f"<tr><td>{html.escape(recipe_label(Recipe(**r['recipe'])))}</td><td>{_fmt(audit, r['protected'])}</td>"
+        f"<td>{_fmt(audit, r.get('scratch'))}</td><td>{_fmt(audit, r.get('original'))}</td></tr>"
         for r in ranked)
     return f"<table><tr><th>recipe</th><th>protected</th><th>scratch</th><th>original</th></tr>{body}</table>"
+
+
+def _samples_html(path: Path) -> str:
+    """The samples section from a samples.json (diffusion), or "" when there is none."""
+    if not path.is_file():
+        return ""
+    info = json.loads(path.read_text())
+    if "skipped" in info:
+        return f"<h2>Samples</h2><p><i>{html.escape(info['skipped'])}</i></p>"
+    judge = info.get("judge")
+    label = recipe_label(Recipe(**info["recipe"]))
+    head = (f"<h2>Samples before and after the strongest attack</h2><p>recipe {html.escape(label)}, "
+            f"{info['steps']} steps, {info['samples']} samples ({info['sample_steps']} DDPM steps) per grid. ")
+    if judge:
+        acc = "n/a" if judge.get("test_accuracy") is None else f"{judge['test_accuracy']:.3f}"
+        head += (f"'recognised' = fraction the judge classifier (test accuracy {acc}) labels as a restricted "
+                 f"class {judge['classes']}: higher means the attacker got a working generator of the restricted domain.")
+    else:
+        head += "No judge classifier for this pipeline: grids only."
+    cells = []
+    for subject, row in info["subjects"].items():
+        for when in ("before", "after"):
+            if when in row:
+                r = row[when]
+                rec = "" if r.get("recognised") is None else f"<br>recognised {r['recognised']:.2f}"
+                cells.append(f"<figure style='display:inline-block;margin:4px'><img src='{r['grid']}'>"
+                             f"<figcaption>{subject} {when}{rec}</figcaption></figure>")
+    return head + "</p>" + "".join(cells)
 
 
 def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False, model_dir: str | None = None,
@@ -175,12 +247,12 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = per_recipe(audit)
-    images = [plot_curves(audit, out / "curves.png"), plot_scatter(rows, out / "scatter.png")]
+    images = [plot_curves(audit, out / "curves.png"), plot_scatter(rows, out / "scatter.png", audit)]
     if search:
-        images.append(plot_search(rows, out / "search.png"))
-    acc = original_accuracy(model_dir, source_dir)
+        images.append(plot_search(rows, out / "search.png", audit))
+    acc = original_accuracy(model_dir, source_dir, audit["metric"])
     if acc:
-        images.append(plot_original(acc, out / "original.png"))
+        images.append(plot_original(acc, out / "original.png", audit["metric"]))
     v = audit["verdict"]
     failed = [t["id"] for t in audit["trials"] if t["status"] != "ok"]
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
@@ -190,9 +262,11 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
         f"{len(audit['trials'])} trials, budgets {audit['budgets']}</p>"
         f"<h2>Verdict: {'PASSED' if v['passed'] else 'FAILED'}</h2><p>margin {margin} vs epsilon {v['epsilon']}; "
         f"failed trials: {v['failed_trials']} {html.escape(', '.join(failed[:20]))}</p>"
-        f"<h2>Best attack ({audit['metric']}, attacker goal {audit['attacker_goal']})</h2>{_table_html(audit)}"
-        f"<h2>Strongest recipes against the protected model (seed 0)</h2>{_top_html(rows)}"
+        f"<h2>Best attack (restricted test {audit['metric']}, attacker goal {audit['attacker_goal']}: "
+        f"{_direction(audit)} is better for the attacker)</h2>{_table_html(audit)}"
+        f"<h2>Strongest recipes against the protected model (seed 0)</h2>{_top_html(audit, rows)}"
         + "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
+        + _samples_html(out / "samples.json")
     )
     style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>sophon-ray audit</title><style>{style}</style></head><body>{body}</body></html>"

@@ -6,8 +6,9 @@ size x weight decay x schedule) as Tune domains; `to_recipe` maps one sampled po
 Tuner run:
 
 1. explore: every recipe of a suite, or N suggestions of an inner searcher (Optuna TPE over
-   `attack_space()`, maximising the protected model's best restricted metric), each applied
-   to every subject (protected, scratch, original) with seed 0;
+   `attack_space()`, optimising the protected model's best restricted metric in the attacker's
+   direction: maximising accuracy, minimising diffusion MSE), each applied to every subject
+   (protected, scratch, original) with seed 0;
 2. re-run: once every explore trial has finished, the top-k recipes by the protected model's
    best value, plus the top-k by the scratch model's (so both sides of the margin get the
    same extra seeds), re-run on every subject with seeds 1..S at the full budget.
@@ -19,6 +20,7 @@ flat early, so early stopping must not decide the worst case).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from typing import Any
 
@@ -79,12 +81,15 @@ def to_recipe(point: dict[str, Any]) -> Recipe:
     )
 
 
-def optuna_searcher(seed: int = 0, n_trials: int = 64) -> Searcher:
-    """Optuna TPE over `attack_space()`, maximising the trial metric "best".
+def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
+                    strategies: tuple[str, ...] = STRATEGIES) -> Searcher:
+    """Optuna TPE over `attack_space(strategies)`, optimising the trial metric "best" towards `goal`.
 
     Args:
         seed: sampler seed.
         n_trials: planned suggestions (sets the random start-up phase: a quarter, 4..16).
+        goal: the attacker's goal, "max" (accuracy) or "min" (diffusion MSE).
+        strategies: the strategies of the model kind (classifier head strategies or UNet all/up/down).
     Returns:
         An OptunaSearch to pass to `AuditPlanner(inner=...)`.
     """
@@ -94,8 +99,8 @@ def optuna_searcher(seed: int = 0, n_trials: int = 64) -> Searcher:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = max(4, min(16, n_trials // 4))
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
-    space = OptunaSearch.convert_search_space(attack_space())
-    return OptunaSearch(space=space, metric="best", mode="max", sampler=sampler)
+    space = OptunaSearch.convert_search_space(attack_space(strategies=strategies))
+    return OptunaSearch(space=space, metric="best", mode=goal, sampler=sampler)
 
 
 def trial_id(subject: str, index: int, seed: int) -> str:
@@ -113,14 +118,16 @@ class AuditPlanner(Searcher):
         n_search: how many recipes to ask `inner` for (search mode).
         seeds: re-run seeds per top recipe (seeds 1..S).
         top_k: how many top recipes per ranking subject are re-run.
+        goal: the attacker's goal on "best", "max" or "min" (decides what "top" means).
         fault: (substring, "once"|"always", marker dir) marks trials for injected failures
             (tests only); "once" trials leave a marker file there when they fail.
     """
 
     def __init__(self, subjects: tuple[str, ...], *, recipes: tuple[Recipe, ...] | None = None,
                  inner: Searcher | None = None, n_search: int = 0, seeds: int = 3, top_k: int = 3,
-                 fault: tuple[str, str, str] | None = None):
-        super().__init__(metric="best", mode="max")
+                 goal: str = "max", fault: tuple[str, str, str] | None = None):
+        super().__init__(metric="best", mode=goal)
+        self.sign = 1.0 if goal == "max" else -1.0
         assert (recipes is None) != (inner is None), "suite XOR search"
         self.subjects, self.inner, self.seeds, self.top_k, self.fault = subjects, inner, seeds, top_k, fault
         self.recipes: list[Recipe] = list(recipes or ())
@@ -159,10 +166,10 @@ class AuditPlanner(Searcher):
         return len(explore) == self.n_explore * len(self.subjects) and all(t in self.finished for t in explore)
 
     def ranking(self, subject: str) -> list[tuple[int, float]]:
-        """(recipe index, best value) of the subject's ok seed-0 trials, best first."""
+        """(recipe index, best value) of the subject's ok seed-0 trials, best for the attacker first."""
         rows = [(c["index"], self.best[t]) for t, c in self.planned.items()
-                if c["subject"] == subject and c["seed"] == 0 and t in self.best]
-        return sorted(rows, key=lambda r: (-r[1], r[0]))
+                if c["subject"] == subject and c["seed"] == 0 and t in self.best and math.isfinite(self.best[t])]
+        return sorted(rows, key=lambda r: (-self.sign * r[1], r[0]))
 
     def rerun_indices(self) -> list[int]:
         """Recipe indices to re-run: top-k by protected, then top-k by scratch (deduplicated)."""

@@ -3,9 +3,12 @@
 A trial attacks one subject (the protected model, a scratch model, or the unprotected
 original) with one recipe and seed, and calls `ray.tune.report` at every step budget with:
 
-- `steps`, `value`: the budget just reached and the restricted test metric there;
-- `best`: the best value so far (what the planner ranks and Optuna maximises);
-- `curve`: {"<steps>": value} for every budget reached so far (the last report holds all);
+- `steps`, `value`: the budget just reached and the restricted test metric there (accuracy, or
+  denoising MSE for diffusion; NaN when the fine-tuned model diverged);
+- `best`: the attacker's best value so far, max accuracy or min MSE (what the planner ranks and
+  Optuna optimises; ±inf while every value so far diverged);
+- `curve`: {"<steps>": value} for every budget reached so far (the last report holds all; a
+  diverged budget is null: a diverged run gives the attacker nothing);
 - `compute_s`: seconds spent fine-tuning and evaluating so far, measured inside the trial
   (excludes data loading, model loading and the reports themselves), so that
   wall - sum(compute_s) is the audit's scheduling overhead.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -107,26 +111,29 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
     """
     from ray import tune
 
-    from sophon_ray.core import accuracy, finetune
+    from sophon_ray.core import finetune
 
     _maybe_fault(config)
     device = _device()
     t = cached_tensors(cfg, device)
     seed = int(config["seed"])
     model = subject_model(cfg, subjects[config["subject"]], t, seed, device)
+    kind = jobs.kind(cfg)
     torch.manual_seed(seed)
-    state = {"compute": 0.0, "mark": time.perf_counter(), "best": float("-inf"), "curve": {}}
+    state = {"compute": 0.0, "mark": time.perf_counter(), "best": -math.inf if kind.goal == "max" else math.inf,
+             "curve": {}}
 
     def on_budget(steps: int, value: float) -> None:
         state["compute"] += time.perf_counter() - state["mark"]
-        state["best"] = max(state["best"], value)
-        state["curve"][str(steps)] = value
+        finite = math.isfinite(value)
+        if finite:
+            state["best"] = kind.better(state["best"], value)
+        state["curve"][str(steps)] = value if finite else None
         tune.report({"steps": steps, "value": value, "best": state["best"], "curve": dict(state["curve"]),
                      "compute_s": state["compute"]})
         state["mark"] = time.perf_counter()
 
-    finetune(
-        model, Recipe(**config["recipe"]), t.restricted_train, cfg.attack.budgets,
-        evaluate=lambda m: accuracy(m, *t.restricted_test, batch_size=cfg.attack.eval_batch),
-        head_keys=jobs.head_keys(model), seed=seed, on_budget=on_budget,
-    )
+    recipe = Recipe(**config["recipe"])
+    jobs.validate_recipe(cfg, recipe)
+    finetune(model, recipe, budgets=cfg.attack.budgets, seed=seed, on_budget=on_budget,
+             **jobs.finetune_kwargs(cfg, t, model, seed))

@@ -12,7 +12,8 @@ from typing import Any
 
 
 def worst_case(trials: list[dict[str, Any]], goal: str = "max") -> dict[str, dict[str, float]]:
-    """Best value an attacker reached, per subject and budget, over ok trials."""
+    """Best value an attacker reached, per subject and budget, over ok trials (a diverged budget,
+    null in the curve, gives the attacker nothing)."""
     pick = max if goal == "max" else min
     out: dict[str, dict[str, float]] = {}
     for t in trials:
@@ -20,6 +21,8 @@ def worst_case(trials: list[dict[str, Any]], goal: str = "max") -> dict[str, dic
             continue
         best = out.setdefault(t["subject"], {})
         for b, v in t["curve"].items():
+            if v is None:
+                continue
             b = str(b)
             best[b] = v if b not in best else pick(best[b], v)
     return out

@@ -201,6 +201,40 @@ def available_sources() -> list[str]:
     return list(_SOURCES)
 
 
+_OPTIONS: dict[str, dict[str, Any]] = {"synthetic": _SYNTHETIC_DEFAULTS, "imagefolder": _IMAGEFOLDER_DEFAULTS}
+_KNOWN_CLASSES: dict[str, int] = {"digits": 10, **{name: v[3] for name, v in _TORCHVISION.items()}}
+
+
+def check_spec(spec: DomainSpec) -> int | None:
+    """Validate a domain spec without reading any data: source name, options, split names, classes.
+
+    Args:
+        spec: the domain spec.
+
+    Returns:
+        The domain's class count when it is known without data (classes given, or a source with a
+        fixed label set; synthetic: its num_classes option), else None (imagefolder, parquet).
+    """
+    if spec.source not in _SOURCES:
+        raise UserError(f"unknown data source {spec.source!r}; valid sources: {', '.join(_SOURCES)}")
+    options = _options(spec, _OPTIONS.get(spec.source, {}))
+    if spec.source in _TORCHVISION:
+        splits = _TORCHVISION[spec.source][1]
+        for split in (spec.train_split, spec.test_split):
+            if split not in splits:
+                raise UserError(f"{spec.source} has no split {split!r}; use one of {', '.join(splits)} "
+                                "for train_split/test_split")
+    known = int(options["num_classes"]) if spec.source == "synthetic" else _KNOWN_CLASSES.get(spec.source)
+    if spec.classes is None:
+        return known
+    classes = tuple(int(c) for c in spec.classes)
+    if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
+        raise UserError(f"classes={spec.classes} must be a non-empty tuple of distinct non-negative labels")
+    if known is not None and max(classes) >= known:
+        raise UserError(f"classes={classes}: {spec.source} has labels 0..{known - 1}; pick classes in that range")
+    return len(classes)
+
+
 def _select(images: Images, classes: tuple[int, ...], split: str, name: str) -> Images:
     lookup = torch.full((max(classes) + 1,), -1, dtype=torch.int64)
     lookup[list(classes)] = torch.arange(len(classes))

@@ -41,6 +41,19 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True)  # RGB -> grey, plain channel mean
 
 
+def check_input(spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate an input spec without any data; returns per-channel (mean, std), each (1, C, 1, 1)."""
+    if spec.resize not in _RESIZE_MODES:
+        raise UserError(f"input.resize={spec.resize!r} is unknown; use one of {', '.join(_RESIZE_MODES)}")
+    if spec.size < 1:
+        raise UserError(f"input.size={spec.size} must be a positive number of pixels")
+    mean = _per_channel(spec.mean, spec.channels, "mean")
+    std = _per_channel(spec.std, spec.channels, "std")
+    if bool((std == 0).any()):
+        raise UserError("input.std contains 0; every channel needs a non-zero std")
+    return mean, std
+
+
 def preprocess(images: Images, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize, scale to [0, 1] and normalise raw images.
 
@@ -51,14 +64,7 @@ def preprocess(images: Images, spec: InputSpec) -> tuple[torch.Tensor, torch.Ten
     Returns:
         (x, y): x float32 (N, channels, S, S) equal to (resize(raw) / 255 - mean) / std; y int64 (N,).
     """
-    if spec.resize not in _RESIZE_MODES:
-        raise UserError(f"input.resize={spec.resize!r} is unknown; use one of {', '.join(_RESIZE_MODES)}")
-    if spec.size < 1:
-        raise UserError(f"input.size={spec.size} must be a positive number of pixels")
-    mean = _per_channel(spec.mean, spec.channels, "mean")
-    std = _per_channel(spec.std, spec.channels, "std")
-    if bool((std == 0).any()):
-        raise UserError("input.std contains 0; every channel needs a non-zero std")
+    mean, std = check_input(spec)
     _check_channels(images.x.shape[-1], spec.channels)
     n, s = len(images), spec.size
     out = torch.empty(n, spec.channels, s, s, dtype=torch.float32)  # (N, C', S, S)

@@ -93,9 +93,6 @@ def build_diffusion(arch: ArchSpec, channels: int, size: int):
             f"image size {size} is not divisible by the UNet's down-sampling factor {factor}; "
             f"use a size that is a multiple of {factor} (input.size=...)"
         )
-    timesteps = kw.get("timesteps", 1000)
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
-        raise UserError(f"arch.kwargs.timesteps must be an integer >= 1, got {timesteps!r}")
     if "dropout" in kw:
         dropout = kw["dropout"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -103,8 +100,26 @@ def build_diffusion(arch: ArchSpec, channels: int, size: int):
         spec["dropout"] = float(dropout)
     spec["add_attention"] = bool(kw.get("mid_attention", True))
 
-    from diffusers import DDPMScheduler, UNet2DModel
+    scheduler = build_scheduler(arch)
+    from diffusers import UNet2DModel
 
     unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **spec)
-    scheduler = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="linear", prediction_type="epsilon")
     return unet, scheduler
+
+
+def build_scheduler(arch: ArchSpec):
+    """The DDPM noise scheduler of a diffusion arch (linear betas, ε-prediction).
+
+    Args:
+        arch: a diffusion arch; `arch.kwargs.timesteps` sets the schedule length (default 1000).
+
+    Returns:
+        A diffusers `DDPMScheduler`.
+    """
+    _spec(arch)
+    timesteps = dict(arch.kwargs).get("timesteps", 1000)
+    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
+        raise UserError(f"arch.kwargs.timesteps must be an integer >= 1, got {timesteps!r}")
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="linear", prediction_type="epsilon")

@@ -252,16 +252,19 @@ class Tracker:
         """Log an audit.json dict: verdict metrics, worst case per subject at step = budget, artifacts.
 
         Metrics: `margin`, `epsilon`, `passed` (0/1), `failed_trials`, `trials`, and
-        `worst_<subject>` at each budget. Tags: `audit_passed`, `model_sha256`. With `out_dir`,
+        `worst_<subject>_<metric>` (e.g. `worst_protected_mse`) at each budget. Tags: `audit_passed`,
+        `model_sha256`, `audit_metric`, `attacker_goal`. With `out_dir`,
         its files (audit.json, report.html, PNG plots; hidden entries such as `.tune/` skipped).
         """
         v = audit.get("verdict") or {}
         self.log_metrics({"margin": v.get("margin"), "epsilon": v.get("epsilon"), "passed": bool(v.get("passed")),
                           "failed_trials": v.get("failed_trials"), "trials": len(audit.get("trials") or [])})
+        metric = audit.get("metric", "accuracy")
         for subject, curve in (audit.get("worst_case") or {}).items():
             for budget, value in sorted((curve or {}).items(), key=lambda kv: int(kv[0])):
-                self.log_metrics({f"worst_{subject}": value}, step=int(budget))
+                self.log_metrics({f"worst_{subject}_{metric}": value}, step=int(budget))
         self.set_tags({"audit_passed": "true" if v.get("passed") else "false",
-                       "model_sha256": (audit.get("model") or {}).get("sha256")})
+                       "model_sha256": (audit.get("model") or {}).get("sha256"),
+                       "audit_metric": metric, "attacker_goal": audit.get("attacker_goal", "max")})
         if out_dir is not None:
             self.log_artifacts(out_dir)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from sophon_ray.card import lineage_path
 from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
 
@@ -111,8 +112,9 @@ def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path) -> None:
 
 
 def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[[str], None],
-                   on_metrics: Callable[[int, dict[str, float]], None]) -> None:
+                   on_metrics: Callable[[int, dict[str, float]], None], label: str = "acc") -> None:
     seen = 0
+    f = ".3f" if label == "acc" else ".4f"
     while True:
         final = stop.is_set()  # read once more after the run ended, so no line is lost
         if path.exists():
@@ -120,9 +122,10 @@ def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[
             for line in lines[seen:]:
                 m = json.loads(line)
                 on_metrics(int(m["iteration"]), m)
-                orig = f" orig_acc {m['orig_metric']:.3f}" if "orig_metric" in m else ""
-                log(f"protect {m['iteration']}/{total} fts_loss {m['fts_loss']:.3f} sim_acc {m['sim_metric']:.3f} "
-                    f"ntr_loss {m['ntr_loss']:.3f}{orig} ({m['seconds']:.1f}s, {m['world']} workers)")
+                orig = f" orig_{label} {m['orig_metric']:{f}}" if "orig_metric" in m else ""
+                fts = f" fts_loss {m['fts_loss']:{f}} sim_{label} {m['sim_metric']:{f}}" if "fts_loss" in m else ""
+                ntr = f" ntr_loss {m['ntr_loss']:{f}}" if "ntr_loss" in m else ""
+                log(f"protect {m['iteration']}/{total}{fts}{ntr}{orig} ({m['seconds']:.1f}s, {m['world']} workers)")
             seen = len(lines)
         if final:
             return
@@ -168,7 +171,6 @@ def protect_distributed(
 
     from sophon_ray import card as cardlib
     from sophon_ray import jobs
-    from sophon_ray.core import accuracy
     from sophon_ray.core.protect import validate_config
 
     if workers < 1:
@@ -176,7 +178,8 @@ def protect_distributed(
     validate_config(cfg.protect, cfg.kind)
     t = jobs.load_tensors(cfg)
     source_model, src_card = jobs.load_for(cfg, source, t)
-    source_acc = accuracy(source_model, *t.original_test, batch_size=cfg.attack.eval_batch)
+    kind = jobs.kind(cfg)
+    source_value = jobs.original_metric(cfg, source_model, t)  # the guard's reference (accuracy or MSE)
     out = Path(out)
     storage = Path(storage_path) if storage_path else out.parent / ".ray"
     storage = storage.resolve()
@@ -195,7 +198,7 @@ def protect_distributed(
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
         iters = cfg.protect.iterations
         loop_config = {
-            "cfg": cfg, "run_dir": str(run_dir), "source_acc": source_acc, "threads": cpus_per_worker,
+            "cfg": cfg, "run_dir": str(run_dir), "source_value": source_value, "threads": cpus_per_worker,
             "report_every": report_every or max(iters // 20, 1),
             "checkpoint_every": checkpoint_every or max(iters // 10, 1), "fault": fault,
         }
@@ -214,7 +217,8 @@ def protect_distributed(
         )
         log(f"protect on Ray Train: {workers} worker(s), run {name}, storage {storage}")
         stop = threading.Event()
-        tail = threading.Thread(target=_tail_progress, args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics), daemon=True)
+        tail = threading.Thread(target=_tail_progress, daemon=True,
+                                args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics, kind.label))
         tail.start()
         start = time.perf_counter()
         try:
@@ -225,21 +229,23 @@ def protect_distributed(
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: {result.error}")
         model = jobs.new_model(cfg, t.num_classes, 0)
-        prot = jobs.build_protection(cfg, model, t, source_acc)
+        prot = jobs.build_protection(cfg, model, t, source_value)
         from sophon_ray.train.checkpoint import load_checkpoint
 
         with result.checkpoint.as_directory() as d:
             load_checkpoint(prot, Path(d))
-        acc = accuracy(model, *t.original_test, batch_size=cfg.attack.eval_batch)
+        final = jobs.model_metrics(cfg, model, t)
+        key = f"original_test_{kind.metric}"
         metrics = {
-            "original_test_accuracy": acc, "source_original_test_accuracy": source_acc,
+            **final, f"source_{key}": source_value,
             "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, "workers": workers,
             "seconds": round(time.perf_counter() - start, 2), "ray_run": name,
         }
-        lineage = {"source": {"path": str(source), "sha256": src_card["sha256"]},
+        lineage = {"source": {"path": lineage_path(source), "sha256": src_card["sha256"]},
                    "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers},
                    "stage_hash": jobs.protect_stage_hash(cfg, src_card["sha256"], workers)}
-        log(f"protect done: original test accuracy {acc:.4f} (source {source_acc:.4f}), iterations {prot.iteration}")
+        log(f"protect done: original test {kind.metric} {final[key]:.4f} (source {source_value:.4f}), "
+            f"iterations {prot.iteration}")
         return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
     finally:
         if started:

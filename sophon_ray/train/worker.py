@@ -51,8 +51,12 @@ def _tensors_from_storage(cfg: Any, run_dir: Path):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config`: cfg (PipelineConfig), run_dir, report_every,
-    checkpoint_every, threads, fault (None or {"iteration": i, "rank": r}), source_acc."""
+    """Ray Train entry point. `config`: cfg (PipelineConfig, either kind), run_dir, report_every,
+    checkpoint_every, threads, fault (None or {"iteration": i, "rank": r}), source_value (the
+    source model's original test metric: accuracy, or MSE for diffusion).
+
+    `jobs.build_protection` dispatches on `cfg.kind`, so the same loop protects a classifier or a
+    UNet; the reported `sim_metric` / `orig_metric` are then accuracies or MSEs."""
     import ray.train
 
     from sophon_ray import card as cardlib
@@ -66,7 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, _ = cardlib.load_model(run_dir / "source")
     device = torch.device("cpu")
     prot = jobs.build_protection(
-        cfg, model, t, float(config["source_acc"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
+        cfg, model, t, float(config["source_value"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
     )
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

@@ -1,0 +1,152 @@
+"""Diffusion samples and the judge: DDPM sample grids and the "recognised as restricted" metric.
+
+`sample_report` fine-tunes every audit subject with one recipe (the strongest against the
+protected model, after a diffusion audit) and draws samples before and after; a judge classifier
+(`diffusion.judge`, trained once and cached) labels them. The functions are re-exported by
+`sophon_ray.diffusion_jobs`, which this module uses lazily (inside functions) to avoid a cycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sophon_ray import card as cardlib
+from sophon_ray import jobs
+from sophon_ray.config import PipelineConfig, Recipe
+from sophon_ray.errors import UserError
+
+Log = Callable[[str], None]
+
+
+def generate(cfg: PipelineConfig, model: torch.nn.Module) -> torch.Tensor:
+    """`diffusion.samples` DDPM samples (fixed seed, `diffusion.sample_steps` steps), (n, C, S, S)."""
+    from sophon_ray import diffusion_jobs as dj
+    from sophon_ray.core.diffusion import sample
+
+    s = dj.settings(cfg)
+    shape = (cfg.input.channels, cfg.input.size, cfg.input.size)
+    return sample(model, dj.scheduler(cfg), s.samples, shape, s.sample_steps, s.sample_seed)
+
+
+def save_grid(cfg: PipelineConfig, images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
+    """Write normalised images (N, C, S, S) as a PNG grid (pixels de-normalised with input.mean/std)."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    mean = torch.tensor(cfg.input.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.input.std).view(1, -1, 1, 1)
+    x = (images * std + mean).clamp(0, 1)  # (N, C, S, S) in [0, 1]
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
+    return path
+
+
+def judge(judge_cfg: PipelineConfig, out: str | Path, log: Log = print) -> torch.nn.Module:
+    """The judge classifier of a pipeline (a classification config), trained once and cached in `out`
+    (retrained when the cached model was made from a different judge config)."""
+    out = Path(out)
+    try:
+        model, card = cardlib.load_model(out)
+        if card.get("lineage", {}).get("stage_hash") == jobs.source_stage_hash(judge_cfg):
+            return model
+    except UserError:
+        pass
+    log(f"training the judge classifier into {out}")
+    return cardlib.load_model(jobs.pretrain(judge_cfg, out, log=log))[0]
+
+
+def recognised(cfg: PipelineConfig, judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...]) -> float:
+    """Fraction of `samples` the judge labels as one of `classes` (e.g. the restricted digits)."""
+    from sophon_ray.core.diffusion import class_fraction
+
+    return class_fraction(judge_model, samples, classes)
+
+
+def _judge_for(cfg: PipelineConfig, judge_dir: Path, log: Log) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
+    from sophon_ray import diffusion_jobs as dj
+
+    s = dj.settings(cfg)
+    if s.judge is None:
+        return None, None
+    dj.check_inputs(cfg)
+    model = judge(dataclasses.replace(s.judge, input=cfg.input), judge_dir, log)  # judges what the UNet draws
+    acc = json.loads((judge_dir / "metrics.json").read_text()).get("original_test_accuracy")
+    return model, {"dir": str(judge_dir), "test_accuracy": acc, "classes": list(s.judge_classes)}
+
+
+def sample_report(
+    cfg: PipelineConfig, subjects: dict[str, str | Path | None], out: str | Path, recipe: Recipe,
+    steps: int | None = None, judge_dir: str | Path | None = None, log: Log = print, t: jobs.Tensors | None = None,
+) -> dict[str, Any]:
+    """Sample grids and the judge metric before and after a real attack, written to `out/samples.json`.
+
+    Every subject (name -> model dir, None = scratch) is fine-tuned with `recipe` (seed 0) for `steps`
+    (default: the largest budget); `diffusion.samples` DDPM samples are drawn from each subject as it is
+    (models only, not scratch) and after the attack, saved as PNG grids `samples-<subject>-<before|after>.png`
+    and, with a judge (`diffusion.judge`, trained once into `judge_dir`, default `out/judge`), labelled:
+    `recognised` is the fraction the judge assigns to `diffusion.judge_classes` (the restricted classes).
+
+    Returns:
+        The samples.json dict: recipe, steps, judge, and per subject {"before"|"after": {"grid",
+        "recognised"}, "restricted_test_mse"}.
+    """
+    from sophon_ray import diffusion_jobs as dj
+    from sophon_ray.card import write_json_atomic
+
+    s = dj.settings(cfg)
+    if s.samples < 1 or s.sample_steps < 1:
+        raise UserError("diffusion.samples and diffusion.sample_steps must be >= 1 to draw sample grids")
+    dj.validate_recipe(recipe)
+    out = Path(out)
+    t = t or dj.load_tensors(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = int(steps or max(cfg.attack.budgets))
+    run_cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=(steps,)))
+    judge_model, judge_info = _judge_for(cfg, Path(judge_dir) if judge_dir else out / "judge", log)
+    start = time.perf_counter()
+
+    def draw(model: torch.nn.Module, name: str) -> dict[str, Any]:
+        images = generate(cfg, model)  # (n, C, S, S)
+        grid = save_grid(cfg, images, out / f"samples-{name}.png").name
+        frac = recognised(cfg, judge_model, images, s.judge_classes) if judge_model is not None else None
+        return {"grid": grid, "recognised": frac}
+
+    rows: dict[str, Any] = {}
+    for name, src in subjects.items():
+        row: dict[str, Any] = {}
+        if src is not None:
+            row["before"] = draw(dj.load_for(cfg, src, t)[0], f"{name}-before")
+        res = dj.attack_run(run_cfg, src, recipe, seed=0, t=t, track_original=False)
+        row["after"] = draw(res.model, f"{name}-after")
+        value = res.restricted[steps]
+        row["restricted_test_mse"] = value if math.isfinite(value) else None
+        rows[name] = row
+        judged = "" if judge_model is None else (
+            f", recognised as restricted: {row.get('before', {}).get('recognised', float('nan')):.2f} before, "
+            f"{row['after']['recognised']:.2f} after")
+        log(f"samples {name}: {steps} attack steps{judged} ({time.perf_counter() - start:.0f}s)")
+    result = {"recipe": dataclasses.asdict(recipe), "steps": steps, "samples": s.samples, "sample_steps": s.sample_steps,
+              "judge": judge_info, "subjects": rows}
+    write_json_atomic(out / "samples.json", result)
+    return result
+
+
+def strongest_recipe(audit: dict[str, Any], subject: str = "protected") -> Recipe | None:
+    """The recipe of the subject's ok seed-0 trial with the lowest restricted MSE at any budget."""
+    best: tuple[float, dict[str, Any]] | None = None
+    for trial in audit["trials"]:
+        values = [v for v in trial["curve"].values() if v is not None]
+        if trial["subject"] == subject and trial["status"] == "ok" and trial["seed"] == 0 and values:
+            if best is None or min(values) < best[0]:
+                best = (min(values), trial["recipe"])
+    return None if best is None else Recipe(**best[1])
