@@ -96,6 +96,7 @@ def main() -> None:
     import ray
 
     root = Path(tempfile.mkdtemp(prefix="audit-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"  # never the user's ./mlruns registry
     try:
         model = make_model(root)
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,

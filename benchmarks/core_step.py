@@ -99,7 +99,8 @@ def run_child(spec: dict) -> dict:
         query_batch=Q,
         ntr_batch=N,
         guard_every=10**9,
-        env=EnvSpace(optimizers=("sgd",), lr={"sgd": (1e-3, 1e-3)}, batch_sizes=(S,), reinit_head_prob=0.0),
+        env=EnvSpace(optimizers=("sgd",), lr={"sgd": (1e-3, 1e-3)}, batch_sizes=(S,), reinit_head_prob=0.0,
+                     head_only_prob=0.0),  # every iteration does the full work the floor counts
     )
     objective = ClassificationObjective(get_loss(cfg.loss))
     prot = Protection(
