@@ -16,7 +16,7 @@ from sophon_ray import card as cardlib
 from sophon_ray.config import PipelineConfig, Recipe, to_dict
 from sophon_ray.errors import UserError
 from sophon_ray.jobs import (
-    Log, Metrics, Tensors, _no_metrics, check_compatible, eval_batch, head_keys, make_card, protect_stage_hash,
+    Log, Metrics, Tensors, _no_metrics, check_compatible, eval_batch, head_keys, make_card,
     source_stage_hash,
 )
 
@@ -108,44 +108,6 @@ def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, so
         evaluate_original=lambda: original_metric(cfg, model, t),
         source_value=source_acc, higher_is_better=True, head_keys=head_keys(model), **dist,
     )
-
-
-def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print,
-            on_metrics: Metrics = _no_metrics) -> Path:
-    """Run SOPHON in-process on `source` and write the protected model directory."""
-    from sophon_ray.core import run
-    from sophon_ray.core.protect import validate_config
-
-    validate_config(cfg.protect, cfg.kind)
-    t = load_tensors(cfg)
-    model, src_card = load_for(cfg, source, t)
-    source_acc = original_metric(cfg, model, t)
-    prot = build_protection(cfg, model, t, source_acc)
-    start = time.perf_counter()
-    every = max(cfg.protect.iterations // 10, 1)
-
-    def progress(it: int, m: dict[str, float]) -> None:
-        on_metrics(it, m)
-        if it % every == 0 or it == cfg.protect.iterations:
-            orig = f" orig_acc {m['orig_metric']:.3f}" if "orig_metric" in m else ""
-            log(
-                f"protect {it}/{cfg.protect.iterations} fts_loss {m['fts_loss']:.3f} sim_acc {m['sim_metric']:.3f} "
-                f"ntr_loss {m['ntr_loss']:.3f}{orig} ({time.perf_counter() - start:.1f}s)"
-            )
-
-    run(prot, progress)
-    acc = original_metric(cfg, model, t)
-    metrics = {
-        "original_test_accuracy": acc,
-        "source_original_test_accuracy": source_acc,
-        "guard_rollbacks": prot.guard.rollbacks,
-        "iterations": prot.iteration,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    lineage = {"source": {"path": cardlib.lineage_path(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect),
-               "stage_hash": protect_stage_hash(cfg, src_card["sha256"], 0)}
-    log(f"protect done: original test accuracy {acc:.4f} (source {source_acc:.4f}), {prot.guard.rollbacks} guard rollbacks")
-    return cardlib.save_model_dir(out, model, make_card(cfg, t, "protected", lineage), metrics)
 
 
 def validate_recipe(recipe: Recipe) -> None:

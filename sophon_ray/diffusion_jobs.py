@@ -25,7 +25,7 @@ from sophon_ray import jobs
 from sophon_ray.config import DiffusionConfig, DiffusionPipelineConfig, PipelineConfig, Recipe, to_dict
 from sophon_ray.diffusion_samples import generate, judge, recognised, sample_report, save_grid, strongest_recipe
 from sophon_ray.errors import UserError
-from sophon_ray.jobs import Metrics, _no_metrics, protect_stage_hash, source_stage_hash
+from sophon_ray.jobs import Metrics, _no_metrics, source_stage_hash
 
 # Re-exported: the configs live in sophon_ray.config, samples and the judge in diffusion_samples.
 __all__ = ["DiffusionConfig", "DiffusionPipelineConfig", "generate", "judge", "recognised", "sample_report",
@@ -165,8 +165,6 @@ def original_metric(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors
     return mse(cfg, model, t.original_test[0], scheduler(cfg).alphas_cumprod)
 
 
-source_metric = original_metric
-
 
 def model_metrics(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensors) -> dict[str, float]:
     """Original and restricted test MSE of a model (what metrics.json records)."""
@@ -223,42 +221,6 @@ def build_protection(cfg: PipelineConfig, model: torch.nn.Module, t: jobs.Tensor
         evaluate_original=lambda: mse(cfg, model, t.original_test[0], alphas),
         source_value=source_mse, higher_is_better=False, head_keys=(), make_batch=obj.make_batch, **dist,
     )
-
-
-def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log = print,
-            on_metrics: Metrics = _no_metrics) -> Path:
-    """Run SOPHON in-process on a source UNet and write the protected model directory."""
-    from sophon_ray.core import run
-    from sophon_ray.core.protect import validate_config
-
-    validate_config(cfg.protect, cfg.kind)
-    t = load_tensors(cfg)
-    model, src_card = load_for(cfg, source, t)
-    source_mse = source_metric(cfg, model, t)
-    prot = build_protection(cfg, model, t, source_mse)
-    start = time.perf_counter()
-    every = max(cfg.protect.iterations // 10, 1)
-
-    def progress(it: int, m: dict[str, float]) -> None:
-        on_metrics(it, m)
-        if it % every == 0 or it == cfg.protect.iterations:
-            orig = f" orig_mse {m['orig_metric']:.4f}" if "orig_metric" in m else ""
-            fts = f" fts_loss {m['fts_loss']:.4f} sim_mse {m['sim_metric']:.4f}" if "fts_loss" in m else ""
-            ntr = f" ntr_loss {m['ntr_loss']:.4f}" if "ntr_loss" in m else ""
-            log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - start:.1f}s)")
-
-    run(prot, progress)
-    final = model_metrics(cfg, model, t)
-    orig = final["original_test_mse"]
-    metrics = {
-        **final, "source_original_test_mse": source_mse,
-        "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    lineage = {"source": {"path": cardlib.lineage_path(source), "sha256": src_card["sha256"]}, "protect": to_dict(cfg.protect),
-               "stage_hash": protect_stage_hash(cfg, src_card["sha256"], 0)}
-    log(f"protect done: original test MSE {orig:.4f} (source {source_mse:.4f}), {prot.guard.rollbacks} guard rollbacks")
-    return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
 
 
 # -- attacks --------------------------------------------------------------------------------

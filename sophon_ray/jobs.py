@@ -96,7 +96,6 @@ class KindJobs(Protocol):
     def build_protection(self, cfg: PipelineConfig, model: torch.nn.Module, t: Tensors, source_value: float,
                          **dist: Any) -> Any: ...
     def pretrain(self, cfg: PipelineConfig, out: str | Path, log: Log, on_metrics: Metrics) -> Path: ...
-    def protect(self, cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log, on_metrics: Metrics) -> Path: ...
     def validate_recipe(self, recipe: Recipe) -> None: ...
     def attack(self, cfg: PipelineConfig, model_src: str | Path | None, recipe: Recipe, seed: int,
                t: Tensors | None) -> dict[int, float]: ...
@@ -223,9 +222,46 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, log: Log =
             on_metrics: Metrics = _no_metrics) -> Path:
     """Run SOPHON in-process on `source` and write the protected model directory.
 
-    `on_metrics(iteration, metrics)` receives every outer iteration's metrics.
+    `on_metrics(iteration, metrics)` receives every outer iteration's metrics. The same loop for
+    every kind: only the tensors, the model check, the metric and the `Protection` differ.
     """
-    return impl(cfg).protect(cfg, source, out, log=log, on_metrics=on_metrics)
+    import time
+
+    from sophon_ray import card as cardlib
+    from sophon_ray.config import to_dict
+    from sophon_ray.core import run
+    from sophon_ray.core.protect import validate_config
+
+    validate_config(cfg.protect, cfg.kind)
+    k = kind(cfg)
+    digits = 3 if k.metric == "accuracy" else 4
+    t = load_tensors(cfg)
+    model, src_card = load_for(cfg, source, t)
+    source_value = original_metric(cfg, model, t)
+    prot = build_protection(cfg, model, t, source_value)
+    start = time.perf_counter()
+    every = max(cfg.protect.iterations // 10, 1)
+
+    def progress(it: int, m: dict[str, float]) -> None:
+        on_metrics(it, m)
+        if it % every == 0 or it == cfg.protect.iterations:
+            fts = f" fts_loss {m['fts_loss']:.{digits}f} sim_{k.label} {m['sim_metric']:.{digits}f}" if "fts_loss" in m else ""
+            ntr = f" ntr_loss {m['ntr_loss']:.{digits}f}" if "ntr_loss" in m else ""
+            orig = f" orig_{k.label} {m['orig_metric']:.{digits}f}" if "orig_metric" in m else ""
+            log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - start:.1f}s)")
+
+    run(prot, progress)
+    final = model_metrics(cfg, model, t)
+    metrics = {
+        **final, f"source_original_test_{k.metric}": source_value,
+        "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    lineage = {"source": {"path": cardlib.lineage_path(source), "sha256": src_card["sha256"]},
+               "protect": to_dict(cfg.protect), "stage_hash": protect_stage_hash(cfg, src_card["sha256"], 0)}
+    log(f"protect done: original test {k.metric} {final[f'original_test_{k.metric}']:.4f} "
+        f"(source {source_value:.4f}), {prot.guard.rollbacks} guard rollbacks")
+    return cardlib.save_model_dir(out, model, make_card(cfg, t, "protected", lineage), metrics)
 
 
 def validate_recipe(cfg: PipelineConfig, recipe: Recipe) -> None:

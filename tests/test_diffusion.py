@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import sophon_ray
 from sophon_ray import diffusion_jobs as dj
+from sophon_ray import jobs
 from sophon_ray.config import ArchSpec, InputSpec, ProtectConfig, Recipe
 from sophon_ray.core import losses
 from sophon_ray.core.diffusion import (
@@ -203,7 +204,7 @@ def test_bad_size_and_channels_are_one_line_user_errors(smoke, tmp_path):
     assert "\n" not in str(e.value)
     rgb = dataclasses.replace(cfg, input=InputSpec(channels=3, size=16, mean=(0.5,), std=(0.5,)))
     with pytest.raises(UserError, match="takes 1-channel images but pipeline") as e:
-        dj.protect(rgb, src, tmp_path / "y", log=lambda m: None)
+        jobs.protect(rgb, src, tmp_path / "y", log=lambda m: None)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="has 3 channels but the UNet takes 1"):
         check_images(torch.zeros(1, 3, 8, 8), 1, 2)
