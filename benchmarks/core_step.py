@@ -142,7 +142,7 @@ def run_child(spec: dict) -> dict:
         w, _ = timed(prot.step)
         _log(f"    [{spec['label']}] warm-up iteration {i + 1}/{spec['warmup']}: {w:.2f} s")
 
-    it_wall, it_cpu, fl_wall, fl_cpu, ratios = [], [], [], [], []
+    it_wall, it_cpu, fl_wall, fl_cpu, ratios, rss_rep = [], [], [], [], [], []
     for r in range(spec["repeats"]):
         if r % 2 == 0:  # alternate the order so slow drift hits both sides alike
             iw, ic = timed(prot.step)
@@ -151,6 +151,7 @@ def run_child(spec: dict) -> dict:
             fw, fc = timed(lambda: floor_pass(E, K))
             iw, ic = timed(prot.step)
         it_wall.append(iw), it_cpu.append(ic), fl_wall.append(fw), fl_cpu.append(fc), ratios.append(iw / fw)
+        rss_rep.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
         _log(f"    [{spec['label']}] repeat {r + 1}/{spec['repeats']}: iteration {iw:.3f} s, floor {fw:.3f} s, ratio {iw / fw:.3f}")
 
     med = statistics.median
@@ -167,6 +168,7 @@ def run_child(spec: dict) -> dict:
         "ratio_median": med(ratios),  # median of the paired per-repeat ratios (headline)
         "ratio_of_medians": med(it_wall) / med(fl_wall),
         "cpu_ratio_median": med(i / f for i, f in zip(it_cpu, fl_cpu)),
+        "peak_rss_per_repeat_mib": rss_rep,  # high-water mark after each timed pair
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "vm_hwm_mib": _status_mib("VmHWM"),
         "peak_rss_after_setup_mib": rss_setup,
@@ -213,6 +215,12 @@ def plan(args: argparse.Namespace) -> list[dict]:
         {**small, "role": "small", "label": "cnn-small K=10 E=1"},
         {**small, "role": "second", "order": "second", "label": "cnn-small K=10 E=1 second-order"},
     ]
+    if args.rows:
+        want = set(args.rows.split(","))
+        unknown = want - {r["role"] for r in rows}
+        if unknown:
+            raise SystemExit(f"[core_step] unknown --rows {sorted(unknown)}; use main, ref, envs, small, second")
+        rows = [r for r in rows if r["role"] in want]
     return rows
 
 
@@ -305,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--envs-repeats", type=int, default=1, help="timed pairs of the E=4 row")
     p.add_argument("--envs-warmup", type=int, default=0, help="untimed iterations of the E=4 row (a one-pass kernel warm-up always runs)")
     p.add_argument("--small-repeats", type=int, default=9, help="timed pairs of the cnn-small rows")
+    p.add_argument("--rows", default="", help="comma list of the rows to run (main,ref,envs,small,second); default all")
     p.add_argument("--quick", action="store_true", help="fast sanity run: cnn-small only, K=5, 1 repeat")
     p.add_argument("--child", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     return p.parse_args(argv)

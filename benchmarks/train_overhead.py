@@ -47,9 +47,9 @@ def on_ray(cfg, source: Path, workers: int, threads: int, out: Path) -> dict:
     d = protect_distributed(cfg, source, out / f"w{workers}", workers=workers, cpus_per_worker=threads,
                             report_every=1, checkpoint_every=cfg.protect.iterations, log=lambda m: None)
     wall = time.perf_counter() - start
-    run = json.loads((d / "metrics.json").read_text())["ray_run"]
-    lines = (out / ".ray" / run / "progress.jsonl").read_text().splitlines()
-    return {"wall": wall, "stamps": [json.loads(x)["seconds"] for x in lines]}
+    metrics = json.loads((d / "metrics.json").read_text())
+    lines = (out / ".ray" / metrics["ray_run"] / "progress.jsonl").read_text().splitlines()
+    return {"wall": wall, "stamps": [json.loads(x)["seconds"] for x in lines], "timings": metrics["timings"]}
 
 
 def steady(stamps: list[float], skip: int = 5) -> float:
@@ -76,8 +76,13 @@ def main() -> None:
         per = steady(r["stamps"])
         startup = r["wall"] - per * args.iterations
         result[name] = {"wall_s": round(r["wall"], 2), "per_iteration_s": round(per, 4),
-                        "ratio_vs_in_process": round(per / base, 3), "startup_s": round(startup, 2)}
+                        "ratio_vs_in_process": round(per / base, 3), "startup_s": round(startup, 2),
+                        "timings_s": r.get("timings")}
         print(f"{name:14s} {r['wall']:8.2f} {per:11.4f} {per / base:10.3f} {startup:11.2f}")
+    print("where the Ray rows' wall time went (s; Train's metrics.json 'timings'):")
+    for name, r in rows.items():
+        if r.get("timings"):
+            print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()))
     print(json.dumps({"benchmark": "train_overhead", "iterations": args.iterations, "threads": args.threads,
                       "torch": torch.__version__, "results": result}))
 

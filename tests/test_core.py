@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from sophon_ray.config import ArchSpec, ProtectConfig
 from sophon_ray.core import losses
 from sophon_ray.core.inner import (
-    Adam, SGD, Environment, first_order_meta_grad, second_order_meta_grad,
+    SGD, Adadelta, Adagrad, Adam, Environment, RMSprop, first_order_meta_grad, second_order_meta_grad,
 )
 from sophon_ray.core.objectives import ClassificationObjective
-from sophon_ray.core.protect import Protection, ProtectData
+from sophon_ray.core.protect import LazyBatches, Protection, ProtectData
 from sophon_ray.models import build_classifier
 
 
@@ -40,6 +40,9 @@ def batches(n, bs, seed):
         (lambda: SGD(0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
         (lambda: SGD(0.05, momentum=0.9, nesterov=True), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
         (lambda: Adam(1e-2), lambda p: torch.optim.Adam(p, lr=1e-2)),
+        (lambda: RMSprop(1e-2), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
+        (lambda: Adagrad(5e-2), lambda p: torch.optim.Adagrad(p, lr=5e-2)),
+        (lambda: Adadelta(1.0), lambda p: torch.optim.Adadelta(p, lr=1.0)),
     ],
 )
 @pytest.mark.parametrize("inplace", [False, True])
@@ -90,6 +93,26 @@ def test_first_order_meta_grad_is_mean_of_query_grads():
         assert torch.equal(p, q)
 
 
+def test_lazy_batches_are_stable_and_give_the_same_meta_grad_as_a_list():
+    pool = tuple(batches(1, 40, 7)[0])
+    lazy = LazyBatches(pool, 16, 4, (1, 2, 3), lambda b, g: b)
+    assert len(lazy) == 4 and len(lazy[1:3]) == 2
+    # Batch i is a function of (key, i) only: reading out of order or twice changes nothing.
+    for a, b in zip(lazy[::-1], [lazy[i] for i in (3, 2, 1, 0)]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(lazy[0][0], lazy[1][0])
+    with pytest.raises(IndexError):
+        lazy[4]
+    model, obj = tiny(norm="none"), ClassificationObjective(losses.ice_neg)
+    env = Environment("adam", 1e-2, 16, 4, reinit_head=False)
+    qry = LazyBatches(pool, 8, 4, (1, 2, 4), lambda b, g: b)
+    params = dict(model.named_parameters())
+    lazy_grads, _ = first_order_meta_grad(model, params, env, lazy, qry, obj)
+    list_grads, _ = first_order_meta_grad(model, params, env, list(lazy), list(qry), obj)
+    for k in lazy_grads:
+        assert torch.equal(lazy_grads[k], list_grads[k]), k
+
+
 def test_first_order_reinit_head_gives_zero_head_grad():
     model = tiny(norm="none")
     obj = ClassificationObjective(losses.klu)
@@ -100,12 +123,12 @@ def test_first_order_reinit_head_gives_zero_head_grad():
     assert float(sum(g.abs().sum() for k, g in grads.items() if not k.startswith("head"))) > 0
 
 
-@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam", "rmsprop", "adagrad", "adadelta"])
 def test_second_order_matches_finite_differences(opt):
     torch.manual_seed(0)
     model = tiny(norm="none").double()
     obj = ClassificationObjective(losses.ice_comp)
-    env = Environment(opt, 0.05 if opt != "adam" else 1e-2, 8, 3, reinit_head=False)
+    env = Environment(opt, {"sgd": 0.05, "momentum": 0.05, "adadelta": 1.0}.get(opt, 1e-2), 8, 3, reinit_head=False)
     sup = [(x.double(), y) for x, y in batches(3, 8, 6)]
     qry = [(x.double(), y) for x, y in batches(3, 8, 7)]
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -36,6 +36,11 @@ def test_digits_split_by_index():
     raw = load_digits()
     assert torch.equal(d.test.y, torch.as_tensor(raw.target[::5]))
     assert torch.equal(d.test.x[1, :, :, 0], torch.as_tensor(np.rint(raw.images[5] * 255 / 16).astype(np.uint8)))
+    # Read without importing scikit-learn, but the very arrays load_digits returns.
+    from sophon_ray.data.sources import _digits_arrays
+
+    images, target = _digits_arrays()
+    assert np.array_equal(images, raw.images) and np.array_equal(target, raw.target)
 
 
 def test_digits_classes_relabel():

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def ray_head(tmp_path):
             except ProcessLookupError:
                 break
             time.sleep(3)
+        # `ray start` wrote its address to Ray's address file; a killed head leaves it behind and
+        # every later State API lookup on this machine would wait on the dead GCS.
+        addr_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if addr_file.exists() and addr_file.read_text().strip().endswith(f":{port}"):
+            addr_file.unlink(missing_ok=True)
 
 
 def _submit(address, env, *args, timeout=900):

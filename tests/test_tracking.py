@@ -246,7 +246,9 @@ def test_tune_callback_logs_every_point_with_one_writer(sqlite_uri, tmp_path, mo
         monkeypatch.setenv(k, v)
     with Tracker.start("audit", "digits", {"suite": "t16"}, tracking_uri=sqlite_uri) as parent:
         callback = AuditCallback(parent.run_id, sqlite_uri)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from sophon_ray.ray_local import local_init_kwargs
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **local_init_kwargs())
         try:
             grid = tune.Tuner(
                 _trial,

@@ -24,10 +24,11 @@ NO_BN = ["--set", "arch.kwargs={'width': 8, 'norm': 'none'}"]
 def ray_local():
     import ray
 
+    from sophon_ray.ray_local import local_init_kwargs
     from sophon_ray.train.driver import quiet_ray_env
 
     quiet_ray_env()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **local_init_kwargs())
     yield
     ray.shutdown()
 
@@ -56,6 +57,12 @@ def test_two_workers_end_to_end(ray_local, source, capsys):
     assert 0.0 <= metrics["original_test_accuracy"] <= 1.0
     err = capsys.readouterr().err
     assert "protect 6/6" in err and "2 workers" in err  # driver progress lines
+    # Where the wall time went: every phase present, none negative, and together they cover the run.
+    t = metrics["timings"]
+    phases = ["imports", "prepare", "ray_init", "materialise_and_trainer", "to_worker_process", "worker_boot",
+              "worker_setup", "loop", "final_report", "shutdown", "finish"]
+    assert list(t) == phases and all(v >= -1.0 for v in t.values())  # -1: /proc boot time has 1 s resolution
+    assert t["loop"] > 0 and t["shutdown"] < 10, t  # a 12 s shutdown is the stale State API address stall
 
 
 def test_one_and_two_workers_give_the_same_parameters(ray_local, source):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -32,7 +33,7 @@ Batch = tuple[torch.Tensor, ...]
 class Environment:
     """One simulated fine-tuning recipe (what an attacker might run)."""
 
-    optimizer: str  # sgd | momentum | adam
+    optimizer: str  # one of INNER_OPTIMIZERS
     lr: float
     batch_size: int
     steps: int
@@ -134,17 +135,94 @@ class Adam:
         return state
 
 
-INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+class _SquareAvg:
+    """Shared state of the adaptive optimizers that keep a running average of squared grads."""
+
+    def init(self, params: list[torch.Tensor]) -> dict[str, Any]:
+        return {"sq": [torch.zeros_like(p) for p in params], "acc": [torch.zeros_like(p) for p in params]}
 
 
-def make_inner_optimizer(name: str, lr: float) -> SGD | Adam:
-    """Build a functional inner optimizer by name (sgd | momentum | adam)."""
+class Adagrad(_SquareAvg):
+    """torch.optim.Adagrad with defaults (no lr decay, zero initial accumulator)."""
+
+    def __init__(self, lr: float, eps: float = 1e-10):
+        self.lr, self.eps = lr, eps
+
+    def step(self, params, grads, state):
+        sq = [a + g * g for a, g in zip(state["sq"], grads)]
+        new = [p - self.lr * g / ((s + 1e-30).sqrt() + self.eps) for p, g, s in zip(params, grads, sq)]
+        return new, {**state, "sq": sq}
+
+    def step_(self, params, grads, state):
+        torch._foreach_addcmul_(state["sq"], grads, grads)
+        denom = torch._foreach_sqrt(state["sq"])
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, grads, denom, value=-self.lr)
+        return state
+
+
+class RMSprop(_SquareAvg):
+    """torch.optim.RMSprop with defaults (alpha 0.99, no momentum, not centered)."""
+
+    def __init__(self, lr: float, alpha: float = 0.99, eps: float = 1e-8):
+        self.lr, self.alpha, self.eps = lr, alpha, eps
+
+    def step(self, params, grads, state):
+        a = self.alpha
+        sq = [a * s + (1 - a) * g * g for s, g in zip(state["sq"], grads)]
+        new = [p - self.lr * g / ((s + 1e-30).sqrt() + self.eps) for p, g, s in zip(params, grads, sq)]
+        return new, {**state, "sq": sq}
+
+    def step_(self, params, grads, state):
+        torch._foreach_mul_(state["sq"], self.alpha)
+        torch._foreach_addcmul_(state["sq"], grads, grads, value=1 - self.alpha)
+        denom = torch._foreach_sqrt(state["sq"])
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, grads, denom, value=-self.lr)
+        return state
+
+
+class Adadelta(_SquareAvg):
+    """torch.optim.Adadelta with defaults (rho 0.9, eps 1e-6); `lr` scales the delta (default 1.0)."""
+
+    def __init__(self, lr: float, rho: float = 0.9, eps: float = 1e-6):
+        self.lr, self.rho, self.eps = lr, rho, eps
+
+    def step(self, params, grads, state):
+        r, e = self.rho, self.eps
+        sq = [r * s + (1 - r) * g * g for s, g in zip(state["sq"], grads)]
+        delta = [(a + e).sqrt() / (s + e).sqrt() * g for a, s, g in zip(state["acc"], sq, grads)]
+        acc = [r * a + (1 - r) * d * d for a, d in zip(state["acc"], delta)]
+        return [p - self.lr * d for p, d in zip(params, delta)], {"sq": sq, "acc": acc}
+
+    def step_(self, params, grads, state):
+        r, e = self.rho, self.eps
+        torch._foreach_mul_(state["sq"], r)
+        torch._foreach_addcmul_(state["sq"], grads, grads, value=1 - r)
+        std = torch._foreach_add(state["sq"], e)
+        torch._foreach_sqrt_(std)
+        delta = torch._foreach_add(state["acc"], e)
+        torch._foreach_sqrt_(delta)
+        torch._foreach_div_(delta, std)
+        torch._foreach_mul_(delta, grads)
+        torch._foreach_mul_(state["acc"], r)
+        torch._foreach_addcmul_(state["acc"], delta, delta, value=1 - r)
+        torch._foreach_add_(params, delta, alpha=-self.lr)
+        return state
+
+
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad", "adadelta")
+
+
+def make_inner_optimizer(name: str, lr: float) -> SGD | Adam | _SquareAvg:
+    """Build a functional inner optimizer by name (one of INNER_OPTIMIZERS)."""
     if name == "sgd":
         return SGD(lr)
     if name == "momentum":
         return SGD(lr, momentum=0.9)
-    if name == "adam":
-        return Adam(lr)
+    builders = {"adam": Adam, "rmsprop": RMSprop, "adagrad": Adagrad, "adadelta": Adadelta}
+    if name in builders:
+        return builders[name](lr)
     raise UserError(f"unknown inner optimizer {name!r}; use one of: {', '.join(INNER_OPTIMIZERS)} (protect.env.optimizers=...)")
 
 
@@ -180,7 +258,7 @@ def sample_environments(
 def validate_env_space(optimizers, lr, batch_sizes, reinit_head_prob, head_only_prob=0.0) -> None:
     """Raise UserError for an environment distribution that cannot be sampled."""
     if not optimizers:
-        raise UserError("protect.env.optimizers is empty; name at least one of sgd, momentum, adam")
+        raise UserError(f"protect.env.optimizers is empty; name at least one of {', '.join(INNER_OPTIMIZERS)}")
     for o in optimizers:
         make_inner_optimizer(o, 1.0)
         if o not in lr or len(lr[o]) != 2 or not 0 < lr[o][0] <= lr[o][1]:
@@ -222,8 +300,8 @@ def first_order_meta_grad(
     model: torch.nn.Module,
     params: Params,
     env: Environment,
-    support: list[Batch],
-    query: list[Batch],
+    support: Sequence[Batch],
+    query: Sequence[Batch],
     objective: Objective,
     head_keys: tuple[str, ...] = (),
     generator: torch.Generator | None = None,
@@ -234,7 +312,7 @@ def first_order_meta_grad(
         model: the module (used only as a function; its parameters and buffers are not changed).
         params: θ, the current parameters by name (not modified).
         env: the simulated fine-tuning recipe; len(support) == len(query) == env.steps.
-        support, query: K restricted batches each.
+        support, query: K restricted batches each (any sequence; `LazyBatches` draws on access).
         objective: fit / suppress functions for this model kind.
         head_keys: parameter names of the head, re-initialised when env.reinit_head.
         generator: seeds the head re-initialisation.
@@ -279,8 +357,8 @@ def second_order_meta_grad(
     model: torch.nn.Module,
     params: Params,
     env: Environment,
-    support: list[Batch],
-    query: list[Batch],
+    support: Sequence[Batch],
+    query: Sequence[Batch],
     objective: Objective,
     head_keys: tuple[str, ...] = (),
     generator: torch.Generator | None = None,

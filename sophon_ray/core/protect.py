@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +75,30 @@ class ProtectData:
 def _draw(pool: tuple[torch.Tensor, ...], n: int, g: torch.Generator) -> Batch:
     idx = torch.randint(len(pool[0]), (n,), generator=g)
     return tuple(t[idx] for t in pool)
+
+
+class LazyBatches(Sequence):
+    """K batches drawn on access, each from its own seeded generator (memory O(1) in K).
+
+    Batch i is `make_batch(_draw(pool, n, g_i), g_i)` with g_i seeded by (`key`, i), so the
+    sequence is the same however often and in whatever order it is read, and the inner loop
+    holds one support and one query batch at a time instead of all K of each.
+    """
+
+    def __init__(self, pool: tuple[torch.Tensor, ...], n: int, steps: int, key: tuple[int, ...],
+                 make_batch: Callable[[Batch, torch.Generator], Batch]):
+        self.pool, self.n, self.steps, self.key, self.make_batch = pool, n, steps, key, make_batch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.steps))]
+        if not -self.steps <= i < self.steps:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(_seed(*self.key, i % self.steps))
+        return self.make_batch(_draw(self.pool, self.n, g), g)
 
 
 def _seed(*parts: int) -> int:
@@ -158,8 +183,9 @@ class Protection:
         for e in range(self.rank, len(envs), self.world):
             env = envs[e]
             g = torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e))
-            sup = [self.make_batch(_draw(self.support, env.batch_size, g), g) for _ in range(env.steps)]
-            qry = [self.make_batch(_draw(self.query, cfg.query_batch, g), g) for _ in range(env.steps)]
+            key = (cfg.seed, it, sub, 2, e)
+            sup = LazyBatches(self.support, env.batch_size, env.steps, (*key, 0), self.make_batch)
+            qry = LazyBatches(self.query, cfg.query_batch, env.steps, (*key, 1), self.make_batch)
             grads, st = self.meta_grad(self.model, params, env, sup, qry, self.objective, self.head_keys, g)
             torch._foreach_add_(total, list(grads.values()))
             stats += torch.tensor([st["loss"], st["metric"], 1.0])

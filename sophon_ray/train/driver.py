@@ -26,6 +26,7 @@ from typing import Any, Callable
 from sophon_ray.card import lineage_path
 from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
+from sophon_ray.ray_local import local_init_kwargs
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -69,11 +70,13 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     if ray.is_initialized():
         return False
     quiet_ray_env(verbose)
+    extra = {}
     if not address and not os.environ.get("RAY_ADDRESS"):
         address = "local"  # a fresh local instance, never whichever `ray start` head happens to run here
+        extra = local_init_kwargs()
     ray.init(
         address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
-        log_to_driver=verbose, configure_logging=True,
+        log_to_driver=verbose, configure_logging=True, **extra,
     )
     return True
 
@@ -166,6 +169,7 @@ def protect_distributed(
     Returns:
         The protected model directory.
     """
+    stamps = {"begin": time.time()}
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -176,6 +180,7 @@ def protect_distributed(
     if workers < 1:
         raise UserError("--workers must be >= 1 for Ray Train (use --workers 0 for the in-process path)")
     validate_config(cfg.protect, cfg.kind)
+    stamps["imported"] = time.time()
     t = jobs.load_tensors(cfg)
     source_model, src_card = jobs.load_for(cfg, source, t)
     kind = jobs.kind(cfg)
@@ -189,13 +194,16 @@ def protect_distributed(
 
     if ray_address is None and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_resources(workers, cpus_per_worker, gpus_per_worker, {"CPU": os.cpu_count() or 1})  # before starting Ray
+    stamps["prepared"] = time.time()
     started = init_ray(ray_address, verbose)
+    stamps["ray_ready"] = time.time()
     try:
         check_resources(workers, cpus_per_worker, gpus_per_worker)
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
         _materialise(cfg, Path(source), run_dir)
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
+        (run_dir / "worker_timings.json").unlink(missing_ok=True)
         iters = cfg.protect.iterations
         loop_config = {
             "cfg": cfg, "run_dir": str(run_dir), "source_value": source_value, "threads": cpus_per_worker,
@@ -221,11 +229,13 @@ def protect_distributed(
                                 args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics, kind.label))
         tail.start()
         start = time.perf_counter()
+        stamps["fit_start"] = time.time()
         try:
             result = trainer.fit()
         finally:
             stop.set()
             tail.join()
+        stamps["fit_end"] = time.time()
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: {result.error}")
         model = jobs.new_model(cfg, t.num_classes, 0)
@@ -246,12 +256,55 @@ def protect_distributed(
                    "stage_hash": jobs.protect_stage_hash(cfg, src_card["sha256"], workers)}
         log(f"protect done: original test {kind.metric} {final[key]:.4f} (source {source_value:.4f}), "
             f"iterations {prot.iteration}")
+        stamps["written"] = time.time()
+        metrics["timings"] = startup_timings(stamps, run_dir)
         return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def startup_timings(stamps: dict[str, float], run_dir: Path) -> dict[str, float]:
+    """Where the wall time of a Ray Train protection went, in seconds per phase.
+
+    imports: Ray Train and torch on the driver; prepare: load data, source model and its
+    metric; ray_init: start/connect Ray; materialise_and_trainer: Parquet + source copy,
+    TorchTrainer built; to_worker_process: fit() until rank 0's process existed (Train
+    controller, placement group, worker process spawn); worker_boot: process start until the
+    loop function ran (Ray worker start-up, torch.distributed set-up, importing the loop);
+    worker_setup: Parquet read, Protection build, checkpoint restore; loop: first to last
+    iteration; final_report: the last report with the final checkpoint; shutdown: the loop
+    function's return until fit() returned (worker group and controller shutdown); finish:
+    final checkpoint load, evaluation and model write on the driver. Worker stamps are wall
+    clocks of the same machine (process start from /proc, 1 s resolution of boot time).
+    """
+    out = {"imports": stamps["imported"] - stamps["begin"], "prepare": stamps["prepared"] - stamps["imported"],
+           "ray_init": stamps["ray_ready"] - stamps["prepared"]}
+    try:
+        w = json.loads((run_dir / "worker_timings.json").read_text())
+        last = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        w, last = None, None
+    if w is not None and w.get("process_start") and last is not None:
+        loop_end = w["ready"] + float(last["seconds"])  # the worker's clock starts at "ready"
+        proc = max(w["process_start"], stamps["fit_start"])  # a pooled process Ray started earlier: 0 s spawn
+        out.update(
+            materialise_and_trainer=stamps["fit_start"] - stamps["ray_ready"],
+            to_worker_process=proc - stamps["fit_start"],
+            worker_boot=w["loop_entered"] - proc,
+            worker_setup=w["ready"] - w["loop_entered"],
+            loop=loop_end - w["ready"],
+        )
+        if w.get("loop_exit"):  # the last report (with the final checkpoint) returned at loop_exit
+            out.update(final_report=w["loop_exit"] - loop_end, shutdown=stamps["fit_end"] - w["loop_exit"])
+        else:
+            out["teardown"] = stamps["fit_end"] - loop_end
+    else:  # resumed runs report only what the driver saw
+        out["fit"] = stamps["fit_end"] - stamps["fit_start"]
+    out["finish"] = stamps["written"] - stamps["fit_end"]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def _entry(config: dict[str, Any]) -> None:

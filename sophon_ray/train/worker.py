@@ -57,6 +57,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     `jobs.build_protection` dispatches on `cfg.kind`, so the same loop protects a classifier or a
     UNet; the reported `sim_metric` / `orig_metric` are then accuracies or MSEs."""
+    entered = time.time()
     import ray.train
 
     from sophon_ray import card as cardlib
@@ -76,6 +77,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             load_checkpoint(prot, Path(d))
+    ready = time.time()
+    if rank == 0:  # where start-up time goes (read by the driver into metrics.json)
+        _write_timings(run_dir, entered, ready)
     fault = config.get("fault")
     progress = run_dir / "progress.jsonl"
     window: dict[str, list[float]] = {}
@@ -96,6 +100,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             summary.update(iteration=it, seconds=time.perf_counter() - start, world=world)
             window = {}
             _report(prot, summary, rank, progress, it % config["checkpoint_every"] == 0 or done)
+    if rank == 0:
+        _write_timings(run_dir, entered, ready, time.time())
+
+
+def _process_start() -> float | None:
+    """Epoch seconds at which this process started (Linux /proc; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _write_timings(run_dir: Path, entered: float, ready: float, loop_exit: float | None = None) -> None:
+    stamps = {"process_start": _process_start(), "loop_entered": entered, "ready": ready, "loop_exit": loop_exit}
+    tmp = run_dir / "worker_timings.json.tmp"
+    tmp.write_text(json.dumps(stamps))
+    tmp.replace(run_dir / "worker_timings.json")
 
 
 def _report(prot: Any, metrics: dict[str, float], rank: int, progress: Path, with_checkpoint: bool) -> None:

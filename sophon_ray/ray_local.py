@@ -1,0 +1,40 @@
+"""Starting a local Ray instance of our own, with its State API pinned to it.
+
+Ray's State API (used inside Ray Train V2 by the placement-group cleaner, which asks whether
+the Train controller is alive) finds its server through `RAY_API_SERVER_ADDRESS`, else
+`RAY_ADDRESS`, else the address file `/tmp/ray/ray_current_cluster` that `ray start` writes.
+A head that was killed instead of `ray stop`-ped leaves that file behind, and every State API
+call then waits on a dead GCS: each Ray Train `fit()` took 12 s longer to return (the cleaner's
+stop timeout), measured in `docs/benchmarks.md`. For an instance we start ourselves we choose
+the dashboard port and point `RAY_API_SERVER_ADDRESS` at it before `ray.init`, so the raylet and
+every worker inherit an address that belongs to this instance (answering, or refusing at once
+when the dashboard is off). A value the user set is never overridden.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+_ENV = "RAY_API_SERVER_ADDRESS"
+_ours: dict[str, str | None] = {"value": None}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_init_kwargs() -> dict[str, int]:
+    """Extra `ray.init(address="local", ...)` arguments for a fresh local instance.
+
+    Returns:
+        {"dashboard_port": port}; `RAY_API_SERVER_ADDRESS` is set to that port on 127.0.0.1
+        unless the user set it.
+    """
+    port = _free_port()
+    current = os.environ.get(_ENV)
+    if current is None or current == _ours["value"]:
+        _ours["value"] = os.environ[_ENV] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
