@@ -60,15 +60,21 @@ class PretrainConfig:
 class EnvSpace:
     """The distribution of simulated fine-tuning environments for FTS.
 
+    The default covers every optimizer family of the attack suites that has a functional inner
+    version (SGD, momentum, Adam, RMSprop, Adagrad, Adadelta), each over the lr decades the
+    suites attack with: on digits, simulating only SGD/momentum/Adam let RMSprop, Adagrad and
+    Adadelta attackers through (docs/results.md).
+
     Each FTS step draws `protect.envs_per_step` environments: an inner optimizer uniformly from
     `optimizers`, a learning rate log-uniformly from `lr[optimizer]`, a support batch size from
     `batch_sizes`, head re-initialisation with probability `reinit_head_prob`, and head-only
     (linear-probe) fine-tuning with probability `head_only_prob`.
     """
 
-    optimizers: tuple[str, ...] = ("sgd", "momentum", "adam")
+    optimizers: tuple[str, ...] = ("sgd", "momentum", "adam", "rmsprop", "adagrad", "adadelta")
     lr: dict[str, tuple[float, float]] = field(
-        default_factory=lambda: {"sgd": (1e-3, 1e-1), "momentum": (1e-4, 3e-2), "adam": (1e-4, 1e-2)}
+        default_factory=lambda: {"sgd": (1e-3, 3e-1), "momentum": (1e-4, 1e-1), "adam": (1e-5, 1e-2),
+                                 "rmsprop": (1e-5, 3e-3), "adagrad": (1e-3, 1e-1), "adadelta": (0.1, 1.0)}
     )
     batch_sizes: tuple[int, ...] = (16, 32, 64)
     reinit_head_prob: float = 0.5

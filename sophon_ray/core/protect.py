@@ -21,6 +21,7 @@ import torch
 from sophon_ray.config import ProtectConfig
 from sophon_ray.core.inner import Batch, Params, meta_grad_fn, sample_environments, validate_env_space
 from sophon_ray.core.objectives import ClassificationObjective
+from sophon_ray.core.optim import OuterAdam
 from sophon_ray.errors import UserError
 
 AllReduce = Callable[[list[torch.Tensor]], None]
@@ -160,8 +161,8 @@ class Protection:
         self.make_batch = make_batch or (lambda b, g: b)
         self.rank, self.world, self.allreduce = rank, world, allreduce or _no_reduce
         params = list(model.parameters())
-        self.fts_opt = torch.optim.Adam(params, lr=cfg.alpha)
-        self.ntr_opt = torch.optim.Adam(params, lr=cfg.beta)
+        self.fts_opt = OuterAdam(params, lr=cfg.alpha)
+        self.ntr_opt = OuterAdam(params, lr=cfg.beta)
         self.meta_grad = meta_grad_fn(cfg.order)
         self.guard = GuardState()
         self.iteration = 0
@@ -214,15 +215,15 @@ class Protection:
             torch._foreach_div_(buffers, float(self.world))
         return {"ntr_loss": float(stat[0])}
 
-    def _apply(self, opt: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
+    def _apply(self, opt: OuterAdam, grads: list[torch.Tensor]) -> None:
         params = list(self.model.parameters())
-        for p, g in zip(params, grads):
-            p.grad = g
-        if self.cfg.clip > 0:
+        if self.cfg.clip > 0:  # torch's total-norm clip, on the gradients in place
+            for p, g in zip(params, grads):
+                p.grad = g
             torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
-        opt.step()
-        for p in params:
-            p.grad = None
+            for p in params:
+                p.grad = None
+        opt.step(grads)
 
     # -- guard ---------------------------------------------------------------------------
 
@@ -248,8 +249,7 @@ class Protection:
             self.ntr_opt.load_state_dict(self.guard.best["ntr"])
         self.guard.rollbacks += 1
         self.guard.lr_scale *= self.cfg.guard_backoff
-        for group in self.fts_opt.param_groups:
-            group["lr"] = self.cfg.alpha * self.guard.lr_scale
+        self.fts_opt.lr = self.cfg.alpha * self.guard.lr_scale
         return {"orig_metric": value, "guard_rollback": 1.0}
 
     # -- the loop ------------------------------------------------------------------------
@@ -285,8 +285,7 @@ class Protection:
         self.ntr_opt.load_state_dict(state["ntr"])
         g = state["guard"]
         self.guard = GuardState(best=g["best"], lr_scale=g["lr_scale"], rollbacks=g["rollbacks"])
-        for group in self.fts_opt.param_groups:
-            group["lr"] = self.cfg.alpha * self.guard.lr_scale
+        self.fts_opt.lr = self.cfg.alpha * self.guard.lr_scale
         self.iteration = state["iteration"]
 
 

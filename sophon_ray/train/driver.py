@@ -14,6 +14,7 @@ Train writes checkpoints to it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -170,9 +171,6 @@ def protect_distributed(
         The protected model directory.
     """
     stamps = {"begin": time.time()}
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from sophon_ray import card as cardlib
     from sophon_ray import jobs
     from sophon_ray.core.protect import validate_config
@@ -195,7 +193,16 @@ def protect_distributed(
     if ray_address is None and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_resources(workers, cpus_per_worker, gpus_per_worker, {"CPU": os.cpu_count() or 1})  # before starting Ray
     stamps["prepared"] = time.time()
-    started = init_ray(ray_address, verbose)
+    # Ray Train's import (~0.7 s) runs while ray.init waits for its GCS and raylet to come up.
+    importer = threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True)
+    importer.start()
+    try:
+        started = init_ray(ray_address, verbose)
+    finally:
+        importer.join()
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     stamps["ray_ready"] = time.time()
     try:
         check_resources(workers, cpus_per_worker, gpus_per_worker)
@@ -269,8 +276,8 @@ def protect_distributed(
 def startup_timings(stamps: dict[str, float], run_dir: Path) -> dict[str, float]:
     """Where the wall time of a Ray Train protection went, in seconds per phase.
 
-    imports: Ray Train and torch on the driver; prepare: load data, source model and its
-    metric; ray_init: start/connect Ray; materialise_and_trainer: Parquet + source copy,
+    imports: sophon-ray's jobs and torch on the driver; prepare: load data, source model and its
+    metric; ray_init: start/connect Ray, with Ray Train imported alongside; materialise_and_trainer: Parquet + source copy,
     TorchTrainer built; to_worker_process: fit() until rank 0's process existed (Train
     controller, placement group, worker process spawn); worker_boot: process start until the
     loop function ran (Ray worker start-up, torch.distributed set-up, importing the loop);
