@@ -38,3 +38,15 @@ def local_init_kwargs() -> dict[str, int]:
     if current is None or current == _ours["value"]:
         _ours["value"] = os.environ[_ENV] = f"http://127.0.0.1:{port}"
     return {"dashboard_port": port}
+
+
+def shutdown() -> None:
+    """`ray.shutdown()`, then drop the `RAY_API_SERVER_ADDRESS` that `local_init_kwargs` set, so
+    that nothing later in this process (or a subprocess it starts, e.g. `ray job submit` to another
+    cluster) asks the stopped instance's dashboard port."""
+    import ray
+
+    ray.shutdown()
+    if _ours["value"] is not None and os.environ.get(_ENV) == _ours["value"]:
+        del os.environ[_ENV]
+    _ours["value"] = None

@@ -102,9 +102,9 @@ def run_pipeline(
         times["audit"] = time.perf_counter() - t0
     finally:
         if ray_started:
-            import ray
+            from sophon_ray import ray_local
 
-            ray.shutdown()
+            ray_local.shutdown()
     metrics = json.loads((protected / "metrics.json").read_text())
     return {"audit": result, "metrics": metrics, "times": times, "wall": time.perf_counter() - started,
             "paths": {"source": source, "protected": protected, "audit": audit_dir}}

@@ -27,36 +27,59 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the job must use the URI it is given
-    port, dash = free_port(), free_port()
-    # every port of our own, so another Ray on the machine (default agent port 52365) cannot clash
-    ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port"]
-    own = [x for flag in ports for x in (flag, str(free_port()))]
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", *own],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # this head's own addresses, not another instance's
+        env.pop(k, None)
+    heads = []
     try:
-        deadline = time.time() + 120
-        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
-            assert time.time() < deadline and head.poll() is None, "Ray head did not come up"
-            time.sleep(1)
+        # One retry with fresh ports: a port picked free can be taken again before Ray binds it
+        # (seen once in a full `make test`: the head stayed up but its job server never answered).
+        for attempt in range(2):
+            port, dash = free_port(), free_port()
+            # every port of our own, so another Ray on the machine (default agent port 52365) cannot clash
+            ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                     "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port"]
+            own = [x for flag in ports for x in (flag, str(free_port()))]
+            head = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", *own],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            heads.append((head, port))
+            address = f"http://127.0.0.1:{dash}"
+            deadline = time.time() + 90
+            up = False
+            while time.time() < deadline and head.poll() is None:
+                if subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                  capture_output=True).returncode == 0:
+                    up = True
+                    break
+                time.sleep(1)
+            if up:
+                break
+            _kill_group(head)
+        assert up, "Ray head did not come up (two attempts)"
         yield address, env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(3)
-        # `ray start` wrote its address to Ray's address file; a killed head leaves it behind and
-        # every later State API lookup on this machine would wait on the dead GCS.
-        addr_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if addr_file.exists() and addr_file.read_text().strip().endswith(f":{port}"):
-            addr_file.unlink(missing_ok=True)
+        for head, port in heads:
+            _kill_group(head)
+            _remove_address_file(port)
+
+
+def _kill_group(head: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(3)
+
+
+def _remove_address_file(port: int) -> None:
+    """`ray start` wrote its address to Ray's address file; a killed head leaves it behind and
+    every later State API lookup on this machine would wait on the dead GCS."""
+    addr_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if addr_file.exists() and addr_file.read_text().strip().endswith(f":{port}"):
+        addr_file.unlink(missing_ok=True)
 
 
 def _submit(address, env, *args, timeout=900):

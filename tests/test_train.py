@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,13 +25,14 @@ NO_BN = ["--set", "arch.kwargs={'width': 8, 'norm': 'none'}"]
 def ray_local():
     import ray
 
+    from sophon_ray import ray_local
     from sophon_ray.ray_local import local_init_kwargs
     from sophon_ray.train.driver import quiet_ray_env
 
     quiet_ray_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **local_init_kwargs())
     yield
-    ray.shutdown()
+    ray_local.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +157,35 @@ def test_checkpoint_roundtrip_is_weights_only(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot be read"):
         load_checkpoint(pb, tmp_path)
+
+
+def test_checkpoint_of_another_version_is_refused_in_one_line(tmp_path):
+    """A state.pt holding torch.optim state dicts (sophon-ray before core/optim.py) must not resume."""
+    from sophon_ray.train.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = jobs.get_pipeline("digits", smoke=True)
+    t = jobs.load_tensors(cfg)
+    model = jobs.new_model(cfg, 5, 0)
+    prot = jobs.build_protection(cfg, model, t, 1.0)
+    save_checkpoint(prot, tmp_path)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state["fts"] = torch.optim.Adam(model.parameters(), lr=1e-3).state_dict()
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(UserError, match="does not fit this protection run.*start without --resume"):
+        load_checkpoint(prot, tmp_path)
+
+
+def test_local_shutdown_drops_our_state_api_address(monkeypatch):
+    """A stopped local instance's dashboard address must not leak into later Ray use (it made the
+    e2e test's `ray job list` against another head hang in a full test run)."""
+    from sophon_ray import ray_local
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    port = ray_local.local_init_kwargs()["dashboard_port"]
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+    ray_local.shutdown()  # no Ray running here: ray.shutdown() is a no-op
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")  # the user's own: kept
+    ray_local.local_init_kwargs()
+    ray_local.shutdown()
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"

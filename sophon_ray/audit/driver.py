@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import jobs
+from sophon_ray import jobs, ray_local
 from sophon_ray.audit.suites import recipe_label
 from sophon_ray.config import PipelineConfig
 from sophon_ray.errors import UserError
@@ -157,11 +157,11 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if concurrency is not None and concurrency > cpus:
         if started:
-            ray.shutdown()
+            ray_local.shutdown()
         raise UserError(f"--concurrency {concurrency} exceeds the Ray cluster's {cpus} CPUs; pass at most {cpus}")
     if concurrency is not None and concurrency < 1:
         if started:
-            ray.shutdown()
+            ray_local.shutdown()
         raise UserError(f"--concurrency {concurrency}: need at least 1")
     return started, concurrency or max(cpus, 1)
 
@@ -344,7 +344,7 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         wall = time.perf_counter() - start
     finally:
         if started:
-            ray.shutdown()
+            ray_local.shutdown()
     from sophon_ray.audit.report import write_report
     from sophon_ray.card import write_json_atomic
 

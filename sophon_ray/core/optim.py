@@ -39,6 +39,8 @@ class OuterAdam:
                 "v": [v.clone() for v in self.state["v"]]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not {"lr", "t", "m", "v"} <= set(state):  # e.g. a torch.optim state dict of an older version
+            raise ValueError(f"not an OuterAdam state (keys {sorted(state)})")
         if len(state["m"]) != len(self.params) or len(state["v"]) != len(self.params):
             raise ValueError(f"optimizer state has {len(state['m'])} tensors for {len(self.params)} parameters")
         self.lr, t = float(state["lr"]), int(state["t"])

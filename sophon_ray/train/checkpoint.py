@@ -36,5 +36,10 @@ def load_checkpoint(prot: Any, directory: Path) -> None:
         state = torch.load(directory / "state.pt", weights_only=True)
     except Exception as e:  # a corrupt checkpoint must not be half-loaded
         raise UserError(f"checkpoint {directory} cannot be read ({e}); delete it or start without --resume") from None
-    torch.set_rng_state(state.pop("rng"))
-    prot.load_state_dict({"model": weights, **state})
+    rng = state.pop("rng")
+    try:
+        prot.load_state_dict({"model": weights, **state})
+    except (KeyError, ValueError, RuntimeError) as e:  # another version's or another config's state
+        raise UserError(f"checkpoint {directory} does not fit this protection run ({e}); "
+                        "start without --resume") from None
+    torch.set_rng_state(rng)

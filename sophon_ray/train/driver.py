@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from sophon_ray import ray_local
 from sophon_ray.card import lineage_path
 from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
@@ -268,9 +269,7 @@ def protect_distributed(
         return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            ray_local.shutdown()
 
 
 def startup_timings(stamps: dict[str, float], run_dir: Path) -> dict[str, float]:
