@@ -31,8 +31,7 @@ def ray_head(tmp_path):
         env.pop(k, None)
     heads = []
     try:
-        # One retry with fresh ports: a port picked free can be taken again before Ray binds it
-        # (seen once in a full `make test`: the head stayed up but its job server never answered).
+        # One retry with fresh ports: a port picked free can be taken again before Ray binds it.
         for attempt in range(2):
             port, dash = free_port(), free_port()
             # every port of our own, so another Ray on the machine (default agent port 52365) cannot clash
