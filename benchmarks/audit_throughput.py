@@ -109,8 +109,7 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"  # never the user's ./mlruns registry
     try:
         model = make_model(root)
-        from sophon_ray import ray_local
-        from sophon_ray.ray_local import local_init_kwargs
+        from sophon_ray.ray_local import local_init_kwargs, shutdown
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING", **local_init_kwargs())
@@ -120,7 +119,7 @@ def main() -> None:
                 _err(f"run {rep + 1}/{args.repeats}, concurrency {c} ...")
                 runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}"))
                 _err(f"  {runs[-1]}")
-        ray_local.shutdown()
+        shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best = {c: max((r for r in runs if r["concurrency"] == c), key=lambda r: r["trials_per_min"]) for c in (1, 2)}

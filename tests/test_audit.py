@@ -27,13 +27,12 @@ def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from sophon_ray import ray_local
-    from sophon_ray.ray_local import local_init_kwargs
+    from sophon_ray.ray_local import local_init_kwargs, shutdown
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              **local_init_kwargs())
     yield
-    ray_local.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -246,8 +246,7 @@ def test_tune_callback_logs_every_point_with_one_writer(sqlite_uri, tmp_path, mo
         monkeypatch.setenv(k, v)
     with Tracker.start("audit", "digits", {"suite": "t16"}, tracking_uri=sqlite_uri) as parent:
         callback = AuditCallback(parent.run_id, sqlite_uri)
-        from sophon_ray import ray_local
-        from sophon_ray.ray_local import local_init_kwargs
+        from sophon_ray.ray_local import local_init_kwargs, shutdown
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **local_init_kwargs())
         try:
@@ -258,7 +257,7 @@ def test_tune_callback_logs_every_point_with_one_writer(sqlite_uri, tmp_path, mo
                 run_config=tune.RunConfig(name="cb", storage_path=str(tmp_path), verbose=0, callbacks=[callback]),
             ).fit()
         finally:
-            ray_local.shutdown()
+            shutdown()
     assert len(grid) == 16 and len(grid.errors) == 1
     c = _client(sqlite_uri)
     children = c.search_runs([c.get_run(parent.run_id).info.experiment_id],

@@ -25,14 +25,13 @@ NO_BN = ["--set", "arch.kwargs={'width': 8, 'norm': 'none'}"]
 def ray_local():
     import ray
 
-    from sophon_ray import ray_local
-    from sophon_ray.ray_local import local_init_kwargs
+    from sophon_ray.ray_local import local_init_kwargs, shutdown
     from sophon_ray.train.driver import quiet_ray_env
 
     quiet_ray_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **local_init_kwargs())
     yield
-    ray_local.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ from sophon_ray import jobs, ray_local
 from sophon_ray.audit.suites import recipe_label
 from sophon_ray.config import PipelineConfig
 from sophon_ray.errors import UserError
-from sophon_ray.ray_local import local_init_kwargs
 
 FORMAT = "sophon-ray/audit@1"
 MAX_FAILURES = 2  # retries of a failing trial before it counts as "failed"
@@ -153,7 +152,7 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # our own local head: no token warning
         ray.init(address=ray_address or "local", include_dashboard=False,
                  num_cpus=(os.cpu_count() if local else None), logging_level=logging.WARNING, log_to_driver=False,
-                 **(local_init_kwargs() if local else {}))
+                 **(ray_local.local_init_kwargs() if local else {}))
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if concurrency is not None and concurrency > cpus:
         if started:

@@ -28,7 +28,6 @@ from sophon_ray import ray_local
 from sophon_ray.card import lineage_path
 from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
-from sophon_ray.ray_local import local_init_kwargs
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -75,7 +74,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     extra = {}
     if not address and not os.environ.get("RAY_ADDRESS"):
         address = "local"  # a fresh local instance, never whichever `ray start` head happens to run here
-        extra = local_init_kwargs()
+        extra = ray_local.local_init_kwargs()
     ray.init(
         address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=verbose, configure_logging=True, **extra,
