@@ -17,6 +17,13 @@ fixed cost of starting the C trial actors, which import torch and load the data 
   own compute (actor start/reuse, data and model loading, scheduling, reports). At C=1 this
   is exactly (wall - compute) / trials.
 
+Machine ceiling (same run, after the Ray runs): the same 32 trial computations (same recipes,
+subjects, seeds and budgets, via the trial's own functions) in 1 vs 2 plain Python processes,
+no Ray: each process loads data and model first, waits at a barrier, then runs its share;
+wall = last end - first start (CLOCK_MONOTONIC, one clock for all processes). Its efficiency is
+what this machine's two cores give two independent compute-bound processes, so the audit's
+steady-state efficiency can be read against it.
+
 Usage:
     .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 1]
 
@@ -95,10 +102,64 @@ def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path)
     }
 
 
+def _plain_init(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _plain_share(model: str, budgets: tuple[int, ...], jobs_: list[tuple[str, dict, int]]) -> tuple[float, float, float]:
+    """Run trial computations as the Tune trial does (cached tensors, loaded model, finetune)
+    after a barrier; returns (monotonic start, monotonic end, compute seconds)."""
+    import torch
+
+    torch.set_num_threads(1)  # what Ray gives a 1-CPU trial (OMP_NUM_THREADS=1)
+    from sophon_ray import jobs
+    from sophon_ray.audit.trial import cached_tensors, subject_model
+    from sophon_ray.config import Recipe
+    from sophon_ray.core import finetune
+
+    cfg = jobs.get_pipeline("digits", smoke=True, overrides=[f"attack.budgets={list(budgets)}"])
+    t = cached_tensors(cfg)
+    subject_model(cfg, model, t, 0, "cpu")  # load once, as a reused trial actor does
+    finetune(subject_model(cfg, None, t, 0, "cpu"), Recipe(), budgets=(1,), seed=0, on_budget=lambda s, v: None,
+             **jobs.finetune_kwargs(cfg, t, subject_model(cfg, None, t, 0, "cpu"), 0))  # warm torch.optim
+    _BARRIER.wait()
+    start = time.monotonic()
+    compute = 0.0
+    for subject, recipe, seed in jobs_:
+        m = subject_model(cfg, model if subject == "protected" else None, t, seed, "cpu")
+        torch.manual_seed(seed)
+        c0 = time.perf_counter()
+        finetune(m, Recipe(**recipe), budgets=cfg.attack.budgets, seed=seed, on_budget=lambda s, v: None,
+                 **jobs.finetune_kwargs(cfg, t, m, seed))
+        compute += time.perf_counter() - c0
+    return start, time.monotonic(), compute
+
+
+def plain_ceiling(model: Path, budgets: tuple[int, ...], trials: list[tuple[str, dict, int]]) -> dict:
+    """The same trial computations in 1 and 2 plain processes (no Ray): the machine's ceiling."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for c in (1, 2):
+        barrier = ctx.Barrier(c)
+        with ProcessPoolExecutor(c, mp_context=ctx, initializer=_plain_init, initargs=(barrier,)) as pool:
+            parts = list(pool.map(_plain_share, [str(model)] * c, [budgets] * c, [trials[i::c] for i in range(c)]))
+        wall = max(p[1] for p in parts) - min(p[0] for p in parts)
+        out[c] = {"concurrency": c, "trials": len(trials), "wall_s": round(wall, 2),
+                  "compute_s": round(sum(p[2] for p in parts), 2), "trials_per_min": round(60.0 * len(trials) / wall, 2)}
+        _err(f"  plain processes, concurrency {c}: {out[c]}")
+    out["efficiency"] = round(out[2]["trials_per_min"] / (2 * out[1]["trials_per_min"]), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials-budgets", default="5,10", help="step budgets of each trial")
     ap.add_argument("--repeats", type=int, default=1, help="runs per concurrency (best rate kept)")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the plain-process (no Ray) ceiling")
     args = ap.parse_args()
     budgets = tuple(int(b) for b in args.trials_budgets.split(","))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -120,6 +181,12 @@ def main() -> None:
                 runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}"))
                 _err(f"  {runs[-1]}")
         shutdown()
+        ceiling = None
+        if not args.no_ceiling:
+            audit = json.loads((root / "audit-c1-0" / "audit.json").read_text())
+            planned = [(t["subject"], t["recipe"], t["seed"]) for t in audit["trials"]]
+            _err("machine ceiling: the same trials in plain processes ...")
+            ceiling = plain_ceiling(model, budgets, planned)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best = {c: max((r for r in runs if r["concurrency"] == c), key=lambda r: r["trials_per_min"]) for c in (1, 2)}
@@ -135,9 +202,12 @@ def main() -> None:
     print(f"parallel efficiency {eff:.1%} end to end, {steady_eff:.1%} in steady state (target >= "
           f"{TARGET_EFFICIENCY:.0%}); overhead at C=1 {best[1]['overhead_per_trial_s']:.3f} s/trial (target < "
           f"{TARGET_OVERHEAD_S} s); load average {load[0]:.1f}")
+    if ceiling:
+        print(f"machine ceiling (same trials, 2 vs 1 plain processes, no Ray): {ceiling['efficiency']:.1%} "
+              f"({ceiling[1]['trials_per_min']:.1f} vs {ceiling[2]['trials_per_min']:.1f} trials/min)")
     print(json.dumps({
         "benchmark": "audit_throughput", "budgets": list(budgets), "runs": runs, "parallel_efficiency": round(eff, 3),
-        "steady_parallel_efficiency": round(steady_eff, 3),
+        "steady_parallel_efficiency": round(steady_eff, 3), "plain_process_ceiling": ceiling,
         "overhead_per_trial_s": best[1]["overhead_per_trial_s"], "targets": {"efficiency": TARGET_EFFICIENCY,
         "overhead_s": TARGET_OVERHEAD_S}, "cpus": os.cpu_count(), "load_average_1m": round(load[0], 2),
         "python": platform.python_version(), "machine": platform.machine(),
