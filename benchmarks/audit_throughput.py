@@ -121,8 +121,9 @@ def _plain_share(model: str, budgets: tuple[int, ...], jobs_: list[tuple[str, di
     cfg = jobs.get_pipeline("digits", smoke=True, overrides=[f"attack.budgets={list(budgets)}"])
     t = cached_tensors(cfg)
     subject_model(cfg, model, t, 0, "cpu")  # load once, as a reused trial actor does
-    finetune(subject_model(cfg, None, t, 0, "cpu"), Recipe(), budgets=(1,), seed=0, on_budget=lambda s, v: None,
-             **jobs.finetune_kwargs(cfg, t, subject_model(cfg, None, t, 0, "cpu"), 0))  # warm torch.optim
+    warm = subject_model(cfg, None, t, 0, "cpu")
+    finetune(warm, Recipe(), budgets=(1,), seed=0, on_budget=lambda s, v: None,
+             **jobs.finetune_kwargs(cfg, t, warm, 0))  # first torch.optim use (imports torch._dynamo)
     _BARRIER.wait()
     start = time.monotonic()
     compute = 0.0
