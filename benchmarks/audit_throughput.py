@@ -3,13 +3,17 @@
 Runs the real `run_audit` (planner, Tune function trainable, reuse_actors=True) on digits with
 tiny trials (smoke models, budgets 5,10) and exactly 32 trials per run: suite quick-v1 (16
 recipes) x 2 subjects (protected, scratch; the source model is removed so there is no
-"original" baseline) and no re-runs (top_k=0). Ray is started once (num_cpus = this
-machine's CPUs) and both runs share it.
+"original" baseline) and no re-runs (top_k=0). Every run starts its own local Ray inside
+`run_audit` (num_cpus = this machine's CPUs), as `sophon-ray audit` does, so each run pays its own
+worker start-up. Each concurrency runs with worker preloading on (the default: Ray's prestarted
+workers import the trial's modules while the driver loads the plan) and off (`--modes`),
+interleaved, `--repeats` times; figures are medians over the repeats.
 
 Measured per run, from a Tune callback in the driver (steady state: from the C-th trial
 completion, when every trial actor has started, to the last; the rest of the wall time is the
 fixed cost of starting the C trial actors, which import torch and load the data once):
 - wall: from the Tuner's start (callback `setup`) to the last trial's completion;
+- command: the whole `run_audit` call (Ray start, plan, Tuner, verdict, report, Ray shutdown);
 - compute: the sum over trials of `compute_s`, the seconds each trial spent fine-tuning and
   evaluating, measured inside the trial;
 - rate = trials / wall (per minute); efficiency = rate(C=2) / (2 x rate(C=1));
@@ -25,7 +29,7 @@ what this machine's two cores give two independent compute-bound processes, so t
 steady-state efficiency can be read against it.
 
 Usage:
-    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 1]
+    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 2] [--modes preload,plain]
 
 Prints a table, then (last line of stdout) one JSON object with every number; progress on stderr.
 """
@@ -37,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -78,14 +83,16 @@ def _recorder():
     return Recorder()
 
 
-def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path) -> dict:
+def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path, mode: str) -> dict:
     from sophon_ray import jobs
     from sophon_ray.audit.driver import run_audit
 
     cfg = jobs.get_pipeline("digits", smoke=True)
     rec = _recorder()
+    t0 = time.perf_counter()
     audit = run_audit(cfg, str(model), out=out, suite="quick-v1", budgets=budgets, concurrency=concurrency,
-                      seeds=1, top_k=0, log=lambda m: None, callbacks=[rec])
+                      seeds=1, top_k=0, log=lambda m: None, callbacks=[rec], preload=mode == "preload")
+    command = time.perf_counter() - t0
     trials = len(audit["trials"])
     assert trials == rec.n and all(t["status"] == "ok" for t in audit["trials"]), "every trial must succeed"
     wall = rec.end - rec.start
@@ -94,7 +101,8 @@ def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path)
     first = rec.done_at[concurrency - 1]
     steady_rate = (trials - concurrency) / (rec.end - first)
     return {
-        "concurrency": concurrency, "trials": trials, "wall_s": round(wall, 2), "compute_s": round(rec.compute, 2),
+        "mode": mode, "concurrency": concurrency, "trials": trials, "command_s": round(command, 2),
+        "wall_s": round(wall, 2), "compute_s": round(rec.compute, 2),
         "trials_per_min": round(60.0 * trials / wall, 2),
         "overhead_per_trial_s": round((concurrency * wall - rec.compute) / trials, 3),
         "steady_trials_per_min": round(60.0 * steady_rate, 2),
@@ -156,62 +164,78 @@ def plain_ceiling(model: Path, budgets: tuple[int, ...], trials: list[tuple[str,
     return out
 
 
+def _median_run(runs: list[dict], mode: str, c: int) -> dict:
+    """Per-field medians of the runs of one mode and concurrency."""
+    rows = [r for r in runs if r["mode"] == mode and r["concurrency"] == c]
+    keys = ("command_s", "wall_s", "compute_s", "trials_per_min", "overhead_per_trial_s", "steady_trials_per_min",
+            "fixed_startup_s")
+    return {"mode": mode, "concurrency": c, "trials": rows[0]["trials"], "repeats": len(rows),
+            **{k: round(statistics.median(r[k] for r in rows), 3) for k in keys}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials-budgets", default="5,10", help="step budgets of each trial")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per concurrency (best rate kept)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per mode and concurrency (medians reported)")
+    ap.add_argument("--modes", default="preload,plain", help="worker preloading on (preload) and/or off (plain)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the plain-process (no Ray) ceiling")
     args = ap.parse_args()
     budgets = tuple(int(b) for b in args.trials_budgets.split(","))
+    modes = args.modes.split(",")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
 
     root = Path(tempfile.mkdtemp(prefix="audit-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"  # never the user's ./mlruns registry
     try:
         model = make_model(root)
-        from sophon_ray.ray_local import local_init_kwargs, shutdown
-
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING", **local_init_kwargs())
         runs = []
         for rep in range(args.repeats):
             for c in (1, 2):
-                _err(f"run {rep + 1}/{args.repeats}, concurrency {c} ...")
-                runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}"))
-                _err(f"  {runs[-1]}")
-        shutdown()
+                for mode in modes:
+                    _err(f"repeat {rep + 1}/{args.repeats}, concurrency {c}, {mode} ...")
+                    runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{mode}-{rep}", mode))
+                    _err(f"  {runs[-1]}")
         ceiling = None
         if not args.no_ceiling:
-            audit = json.loads((root / "audit-c1-0" / "audit.json").read_text())
+            audit = json.loads((root / f"audit-c1-{modes[0]}-0" / "audit.json").read_text())
             planned = [(t["subject"], t["recipe"], t["seed"]) for t in audit["trials"]]
             _err("machine ceiling: the same trials in plain processes ...")
             ceiling = plain_ceiling(model, budgets, planned)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    best = {c: max((r for r in runs if r["concurrency"] == c), key=lambda r: r["trials_per_min"]) for c in (1, 2)}
-    eff = best[2]["trials_per_min"] / (2 * best[1]["trials_per_min"])
-    steady_eff = best[2]["steady_trials_per_min"] / (2 * best[1]["steady_trials_per_min"])
     load = os.getloadavg()
-    print(f"{'concurrency':>11} {'trials':>6} {'wall s':>7} {'compute s':>9} {'trials/min':>10} {'overhead s/trial':>16} "
-          f"{'steady/min':>10} {'fixed s':>7}")
-    for c in (1, 2):
-        r = best[c]
-        print(f"{c:>11} {r['trials']:>6} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} {r['trials_per_min']:>10.1f} "
-              f"{r['overhead_per_trial_s']:>16.3f} {r['steady_trials_per_min']:>10.1f} {r['fixed_startup_s']:>7.2f}")
-    print(f"parallel efficiency {eff:.1%} end to end, {steady_eff:.1%} in steady state (target >= "
-          f"{TARGET_EFFICIENCY:.0%}); overhead at C=1 {best[1]['overhead_per_trial_s']:.3f} s/trial (target < "
-          f"{TARGET_OVERHEAD_S} s); load average {load[0]:.1f}")
+    print(f"{'mode':>8} {'C':>2} {'trials':>6} {'command s':>9} {'wall s':>7} {'compute s':>9} {'trials/min':>10} "
+          f"{'overhead s/trial':>16} {'steady/min':>10} {'fixed s':>7}")
+    summary = {}
+    for mode in modes:
+        med = {c: _median_run(runs, mode, c) for c in (1, 2)}
+        for c in (1, 2):
+            r = med[c]
+            print(f"{mode:>8} {c:>2} {r['trials']:>6} {r['command_s']:>9.1f} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} "
+                  f"{r['trials_per_min']:>10.1f} {r['overhead_per_trial_s']:>16.3f} {r['steady_trials_per_min']:>10.1f} "
+                  f"{r['fixed_startup_s']:>7.2f}")
+        summary[mode] = {
+            "median_runs": med,
+            "parallel_efficiency": round(med[2]["trials_per_min"] / (2 * med[1]["trials_per_min"]), 3),
+            "steady_parallel_efficiency": round(med[2]["steady_trials_per_min"] / (2 * med[1]["steady_trials_per_min"]), 3),
+            "command_parallel_efficiency": round(med[1]["command_s"] / (2 * med[2]["command_s"]), 3),
+            "overhead_per_trial_s": med[1]["overhead_per_trial_s"],
+        }
+    for mode, m in summary.items():
+        print(f"{mode}: parallel efficiency {m['parallel_efficiency']:.1%} end to end (Tuner start to last trial), "
+              f"{m['steady_parallel_efficiency']:.1%} in steady state, {m['command_parallel_efficiency']:.1%} over the "
+              f"whole command (target >= {TARGET_EFFICIENCY:.0%}); overhead at C=1 {m['overhead_per_trial_s']:.3f} "
+              f"s/trial (target < {TARGET_OVERHEAD_S} s)")
+    print(f"medians of {args.repeats} repeat(s); load average {load[0]:.1f}")
     if ceiling:
         print(f"machine ceiling (same trials, 2 vs 1 plain processes, no Ray): {ceiling['efficiency']:.1%} "
               f"({ceiling[1]['trials_per_min']:.1f} vs {ceiling[2]['trials_per_min']:.1f} trials/min)")
     print(json.dumps({
-        "benchmark": "audit_throughput", "budgets": list(budgets), "runs": runs, "parallel_efficiency": round(eff, 3),
-        "steady_parallel_efficiency": round(steady_eff, 3), "plain_process_ceiling": ceiling,
-        "overhead_per_trial_s": best[1]["overhead_per_trial_s"], "targets": {"efficiency": TARGET_EFFICIENCY,
-        "overhead_s": TARGET_OVERHEAD_S}, "cpus": os.cpu_count(), "load_average_1m": round(load[0], 2),
-        "python": platform.python_version(), "machine": platform.machine(),
+        "benchmark": "audit_throughput", "budgets": list(budgets), "repeats": args.repeats, "runs": runs,
+        "summary": summary, "plain_process_ceiling": ceiling,
+        "targets": {"efficiency": TARGET_EFFICIENCY, "overhead_s": TARGET_OVERHEAD_S}, "cpus": os.cpu_count(),
+        "load_average_1m": round(load[0], 2), "python": platform.python_version(), "machine": platform.machine(),
     }))
 
 
