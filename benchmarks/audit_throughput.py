@@ -5,9 +5,8 @@ tiny trials (smoke models, budgets 5,10) and exactly 32 trials per run: suite qu
 recipes) x 2 subjects (protected, scratch; the source model is removed so there is no
 "original" baseline) and no re-runs (top_k=0). Every run starts its own local Ray inside
 `run_audit` (num_cpus = this machine's CPUs), as `sophon-ray audit` does, so each run pays its own
-worker start-up. Each concurrency runs with worker preloading on (the default: Ray's prestarted
-workers import the trial's modules while the driver loads the plan) and off (`--modes`),
-interleaved, `--repeats` times; figures are medians over the repeats.
+worker start-up. The concurrencies alternate, `--repeats` times; figures are medians over the
+repeats.
 
 Measured per run, from a Tune callback in the driver (steady state: from the C-th trial
 completion, when every trial actor has started, to the last; the rest of the wall time is the
@@ -29,7 +28,7 @@ what this machine's two cores give two independent compute-bound processes, so t
 steady-state efficiency can be read against it.
 
 Usage:
-    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 2] [--modes preload,plain]
+    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 2]
 
 Prints a table, then (last line of stdout) one JSON object with every number; progress on stderr.
 """
@@ -83,7 +82,7 @@ def _recorder():
     return Recorder()
 
 
-def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path, mode: str) -> dict:
+def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path) -> dict:
     from sophon_ray import jobs
     from sophon_ray.audit.driver import run_audit
 
@@ -91,7 +90,7 @@ def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path,
     rec = _recorder()
     t0 = time.perf_counter()
     audit = run_audit(cfg, str(model), out=out, suite="quick-v1", budgets=budgets, concurrency=concurrency,
-                      seeds=1, top_k=0, log=lambda m: None, callbacks=[rec], preload=mode == "preload")
+                      seeds=1, top_k=0, log=lambda m: None, callbacks=[rec])
     command = time.perf_counter() - t0
     trials = len(audit["trials"])
     assert trials == rec.n and all(t["status"] == "ok" for t in audit["trials"]), "every trial must succeed"
@@ -101,7 +100,7 @@ def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path,
     first = rec.done_at[concurrency - 1]
     steady_rate = (trials - concurrency) / (rec.end - first)
     return {
-        "mode": mode, "concurrency": concurrency, "trials": trials, "command_s": round(command, 2),
+        "concurrency": concurrency, "trials": trials, "command_s": round(command, 2),
         "wall_s": round(wall, 2), "compute_s": round(rec.compute, 2),
         "trials_per_min": round(60.0 * trials / wall, 2),
         "overhead_per_trial_s": round((concurrency * wall - rec.compute) / trials, 3),
@@ -164,24 +163,22 @@ def plain_ceiling(model: Path, budgets: tuple[int, ...], trials: list[tuple[str,
     return out
 
 
-def _median_run(runs: list[dict], mode: str, c: int) -> dict:
-    """Per-field medians of the runs of one mode and concurrency."""
-    rows = [r for r in runs if r["mode"] == mode and r["concurrency"] == c]
+def _median_run(runs: list[dict], c: int) -> dict:
+    """Per-field medians of the runs at one concurrency."""
+    rows = [r for r in runs if r["concurrency"] == c]
     keys = ("command_s", "wall_s", "compute_s", "trials_per_min", "overhead_per_trial_s", "steady_trials_per_min",
             "fixed_startup_s")
-    return {"mode": mode, "concurrency": c, "trials": rows[0]["trials"], "repeats": len(rows),
+    return {"concurrency": c, "trials": rows[0]["trials"], "repeats": len(rows),
             **{k: round(statistics.median(r[k] for r in rows), 3) for k in keys}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials-budgets", default="5,10", help="step budgets of each trial")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per mode and concurrency (medians reported)")
-    ap.add_argument("--modes", default="preload,plain", help="worker preloading on (preload) and/or off (plain)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per concurrency (medians reported)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the plain-process (no Ray) ceiling")
     args = ap.parse_args()
     budgets = tuple(int(b) for b in args.trials_budgets.split(","))
-    modes = args.modes.split(",")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -192,48 +189,41 @@ def main() -> None:
         runs = []
         for rep in range(args.repeats):
             for c in (1, 2):
-                for mode in modes:
-                    _err(f"repeat {rep + 1}/{args.repeats}, concurrency {c}, {mode} ...")
-                    runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{mode}-{rep}", mode))
-                    _err(f"  {runs[-1]}")
+                _err(f"repeat {rep + 1}/{args.repeats}, concurrency {c} ...")
+                runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}"))
+                _err(f"  {runs[-1]}")
         ceiling = None
         if not args.no_ceiling:
-            audit = json.loads((root / f"audit-c1-{modes[0]}-0" / "audit.json").read_text())
+            audit = json.loads((root / "audit-c1-0" / "audit.json").read_text())
             planned = [(t["subject"], t["recipe"], t["seed"]) for t in audit["trials"]]
             _err("machine ceiling: the same trials in plain processes ...")
             ceiling = plain_ceiling(model, budgets, planned)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    med = {c: _median_run(runs, c) for c in (1, 2)}
+    eff = med[2]["trials_per_min"] / (2 * med[1]["trials_per_min"])
+    steady_eff = med[2]["steady_trials_per_min"] / (2 * med[1]["steady_trials_per_min"])
+    command_eff = med[1]["command_s"] / (2 * med[2]["command_s"])
     load = os.getloadavg()
-    print(f"{'mode':>8} {'C':>2} {'trials':>6} {'command s':>9} {'wall s':>7} {'compute s':>9} {'trials/min':>10} "
+    print(f"{'C':>2} {'trials':>6} {'command s':>9} {'wall s':>7} {'compute s':>9} {'trials/min':>10} "
           f"{'overhead s/trial':>16} {'steady/min':>10} {'fixed s':>7}")
-    summary = {}
-    for mode in modes:
-        med = {c: _median_run(runs, mode, c) for c in (1, 2)}
-        for c in (1, 2):
-            r = med[c]
-            print(f"{mode:>8} {c:>2} {r['trials']:>6} {r['command_s']:>9.1f} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} "
-                  f"{r['trials_per_min']:>10.1f} {r['overhead_per_trial_s']:>16.3f} {r['steady_trials_per_min']:>10.1f} "
-                  f"{r['fixed_startup_s']:>7.2f}")
-        summary[mode] = {
-            "median_runs": med,
-            "parallel_efficiency": round(med[2]["trials_per_min"] / (2 * med[1]["trials_per_min"]), 3),
-            "steady_parallel_efficiency": round(med[2]["steady_trials_per_min"] / (2 * med[1]["steady_trials_per_min"]), 3),
-            "command_parallel_efficiency": round(med[1]["command_s"] / (2 * med[2]["command_s"]), 3),
-            "overhead_per_trial_s": med[1]["overhead_per_trial_s"],
-        }
-    for mode, m in summary.items():
-        print(f"{mode}: parallel efficiency {m['parallel_efficiency']:.1%} end to end (Tuner start to last trial), "
-              f"{m['steady_parallel_efficiency']:.1%} in steady state, {m['command_parallel_efficiency']:.1%} over the "
-              f"whole command (target >= {TARGET_EFFICIENCY:.0%}); overhead at C=1 {m['overhead_per_trial_s']:.3f} "
-              f"s/trial (target < {TARGET_OVERHEAD_S} s)")
-    print(f"medians of {args.repeats} repeat(s); load average {load[0]:.1f}")
+    for c in (1, 2):
+        r = med[c]
+        print(f"{c:>2} {r['trials']:>6} {r['command_s']:>9.1f} {r['wall_s']:>7.1f} {r['compute_s']:>9.1f} "
+              f"{r['trials_per_min']:>10.1f} {r['overhead_per_trial_s']:>16.3f} {r['steady_trials_per_min']:>10.1f} "
+              f"{r['fixed_startup_s']:>7.2f}")
+    print(f"parallel efficiency {eff:.1%} end to end (Tuner start to last trial), {steady_eff:.1%} in steady state, "
+          f"{command_eff:.1%} over the whole command (target >= {TARGET_EFFICIENCY:.0%}); overhead at C=1 "
+          f"{med[1]['overhead_per_trial_s']:.3f} s/trial (target < {TARGET_OVERHEAD_S} s); medians of "
+          f"{args.repeats} repeat(s); load average {load[0]:.1f}")
     if ceiling:
         print(f"machine ceiling (same trials, 2 vs 1 plain processes, no Ray): {ceiling['efficiency']:.1%} "
               f"({ceiling[1]['trials_per_min']:.1f} vs {ceiling[2]['trials_per_min']:.1f} trials/min)")
     print(json.dumps({
         "benchmark": "audit_throughput", "budgets": list(budgets), "repeats": args.repeats, "runs": runs,
-        "summary": summary, "plain_process_ceiling": ceiling,
+        "median_runs": med, "parallel_efficiency": round(eff, 3), "steady_parallel_efficiency": round(steady_eff, 3),
+        "command_parallel_efficiency": round(command_eff, 3), "plain_process_ceiling": ceiling,
+        "overhead_per_trial_s": med[1]["overhead_per_trial_s"],
         "targets": {"efficiency": TARGET_EFFICIENCY, "overhead_s": TARGET_OVERHEAD_S}, "cpus": os.cpu_count(),
         "load_average_1m": round(load[0], 2), "python": platform.python_version(), "machine": platform.machine(),
     }))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
 
 _ENV = "RAY_API_SERVER_ADDRESS"
 _ours: dict[str, str | None] = {"value": None}
@@ -27,26 +26,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_init_kwargs(preload: tuple[str, ...] = ()) -> dict[str, Any]:
+def local_init_kwargs() -> dict[str, int]:
     """Extra `ray.init(address="local", ...)` arguments for a fresh local instance.
 
-    Args:
-        preload: Python modules every worker process of the instance imports before it accepts
-            work (Ray's `preload_python_modules` system config). The raylet prestarts one idle
-            worker per CPU when the driver connects, so these imports run while the driver
-            still prepares, and an actor placed on such a worker starts with them done.
     Returns:
-        {"dashboard_port": port} (plus `_system_config` when preloading); `RAY_API_SERVER_ADDRESS`
-        is set to that port on 127.0.0.1 unless the user set it.
+        {"dashboard_port": port}; `RAY_API_SERVER_ADDRESS` is set to that port on 127.0.0.1
+        unless the user set it.
     """
     port = _free_port()
     current = os.environ.get(_ENV)
     if current is None or current == _ours["value"]:
         _ours["value"] = os.environ[_ENV] = f"http://127.0.0.1:{port}"
-    extra: dict[str, Any] = {"dashboard_port": port}
-    if preload:
-        extra["_system_config"] = {"preload_python_modules": list(preload)}
-    return extra
+    return {"dashboard_port": port}
 
 
 def shutdown() -> None:

@@ -104,20 +104,6 @@ def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
     return (str(text), str(mode))
 
 
-def check_options(cfg: PipelineConfig, *, suite: str | None, search: int | None, budgets: Any,
-                  seeds: int) -> tuple[tuple[int, ...], tuple | None]:
-    """The checks of an audit's options that read no files: (budgets, suite recipes or None).
-    Raises UserError naming the fix."""
-    budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
-    if seeds is None or seeds < 1:
-        raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
-    if suite is not None and search is not None:
-        raise UserError("pass either --suite NAME or --search N, not both")
-    if search is not None and search < 1:
-        raise UserError(f"--search {search}: the number of search trials must be at least 1")
-    return budgets, (jobs.get_suite(cfg, suite) if search is None else None)
-
-
 def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int | None, budgets: Any,
               seeds: int, fault_trial: Any, log: Log) -> Plan:
     """Validate every input of an audit (no Ray, nothing written) and resolve the subjects.
@@ -130,7 +116,14 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
         The validated Plan. Raises UserError on bad input.
     """
     kind = jobs.kind(cfg)
-    budgets, recipes = check_options(cfg, suite=suite, search=search, budgets=budgets, seeds=seeds)
+    budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
+    if seeds is None or seeds < 1:
+        raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
+    if suite is not None and search is not None:
+        raise UserError("pass either --suite NAME or --search N, not both")
+    if search is not None and search < 1:
+        raise UserError(f"--search {search}: the number of search trials must be at least 1")
+    recipes = jobs.get_suite(cfg, suite) if search is None else None
     cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=budgets))
     t = jobs.load_tensors(cfg)
     model_dir = _resolve_dir(model)
@@ -144,9 +137,8 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
                 _parse_fault(fault_trial))
 
 
-def _start_ray(ray_address: str | None, concurrency: int | None, preload: tuple[str, ...] = ()) -> tuple[bool, int]:
-    """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency).
-    A local instance started here preloads `preload` in every worker (`ray_local.local_init_kwargs`)."""
+def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, int]:
+    """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency)."""
     import ray
 
     local = not ray_address and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a job: connect
@@ -160,7 +152,7 @@ def _start_ray(ray_address: str | None, concurrency: int | None, preload: tuple[
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # our own local head: no token warning
         ray.init(address=ray_address or "local", include_dashboard=False,
                  num_cpus=(os.cpu_count() if local else None), logging_level=logging.WARNING, log_to_driver=False,
-                 **(ray_local.local_init_kwargs(preload) if local else {}))
+                 **(ray_local.local_init_kwargs() if local else {}))
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if concurrency is not None and concurrency > cpus:
         if started:
@@ -300,7 +292,7 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
 def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
               epsilon=None, ray_address=None, log=print, callbacks=None, fault_trial=None,
               cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K,
-              samples: bool = True, judge_dir=None, preload: bool = True) -> dict:
+              samples: bool = True, judge_dir=None) -> dict:
     """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
 
     Args:
@@ -319,24 +311,21 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         samples: let the kind add to the audit (diffusion: sample grids + judge metric, see
             `jobs.audit_extras`; False writes a note instead); judge_dir: where the judge is cached
             (default `<out>/judge`).
-        preload: when this call starts a local Ray, have its workers import the trial's modules
-            (`trial.PRELOAD`) while the plan loads (False: for the A/B benchmark).
     Returns:
         The audit.json dict.
     """
-    check_options(cfg, suite=suite, search=search, budgets=budgets, seeds=seeds)
+    plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
+                     fault_trial=fault_trial, log=log)
+    kind = jobs.kind(plan.cfg)
+    epsilon = kind.epsilon if epsilon is None else epsilon
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    from sophon_ray.audit.space import SUBJECTS, AuditPlanner, optuna_searcher
-    from sophon_ray.audit.trial import PRELOAD
+    import ray
 
-    # Ray first: its prestarted workers import the trial's modules while the plan loads below.
-    started, concurrency = _start_ray(ray_address, concurrency, PRELOAD if preload else ())
+    from sophon_ray.audit.space import SUBJECTS, AuditPlanner, optuna_searcher
+
+    started, concurrency = _start_ray(ray_address, concurrency)
     try:
-        plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
-                         fault_trial=fault_trial, log=log)
-        kind = jobs.kind(plan.cfg)
-        epsilon = kind.epsilon if epsilon is None else epsilon
         subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
         inner = (optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search, goal=kind.goal, strategies=kind.strategies)
                  if search is not None else None)

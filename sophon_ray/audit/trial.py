@@ -14,11 +14,7 @@ original) with one recipe and seed, and calls `ray.tune.report` at every step bu
   wall - sum(compute_s) is the audit's scheduling overhead.
 
 Pipeline tensors and loaded models are cached in module-level dicts, so a reused actor
-(`reuse_actors=True`) loads them once. `PRELOAD` names what a trial actor imports (torch,
-torch._dynamo, which the first torch.optim step imports, ray.tune and this module): an audit
-that starts its own Ray has every worker import them before it accepts work (Ray's
-`preload_python_modules`), so the idle workers Ray prestarts do it while the driver still loads
-the plan.
+(`reuse_actors=True`) loads them once.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ import torch
 from sophon_ray import jobs
 from sophon_ray.config import PipelineConfig, Recipe, to_dict
 
-PRELOAD = ("torch", "torch._dynamo", "ray.tune", "sophon_ray.audit.trial")
 _TENSORS: dict[tuple[str, str], jobs.Tensors] = {}
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
@@ -51,16 +46,6 @@ def _device() -> str:
     import ray
 
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
-def _use_assigned_cpus() -> None:
-    """Run torch on as many threads as the trial has CPUs. Ray's OMP_NUM_THREADS reaches a
-    worker too late when torch was preloaded (its thread pool is then sized to the machine),
-    and concurrent trials would oversubscribe the cores."""
-    import ray
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(cpus)))
 
 
 def cached_tensors(cfg: PipelineConfig, device: str = "cpu") -> jobs.Tensors:
@@ -129,7 +114,6 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
     from sophon_ray.core import finetune
 
     _maybe_fault(config)
-    _use_assigned_cpus()
     device = _device()
     t = cached_tensors(cfg, device)
     seed = int(config["seed"])
