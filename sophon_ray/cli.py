@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.out) if args.out else Path("out") / cfg.name
     summary = run_pipeline(
         cfg, root, workers=args.workers, search=args.search,
-        suite=None if args.search else (args.suite or (kind.smoke_suite if args.smoke else kind.run_suite)),
+        suite=args.suite or (None if args.search else kind.smoke_suite if args.smoke else kind.run_suite),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, log=_log, samples=not args.no_samples,
@@ -246,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="robustness audit on Ray Tune: many real attacks vs scratch and original")
     p.add_argument("pipeline")
     p.add_argument("--model", required=True, help="protected model directory or MLflow URI")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--suite", default=None, help="named attack suite (default: default-v1; diffusion-v1 for diffusion)")
-    group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
+    p.add_argument("--suite", default=None, help="named attack suite (default: default-v1; diffusion-v1 for diffusion); "
+                   "with --search, the recipes the search starts from")
+    p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
     p.add_argument("--budgets", default=None, help="comma-separated increasing step budgets, e.g. 25,50,100,200,400")
     p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials (default: all CPUs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for re-running the best recipes at full budget")
@@ -262,10 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v2, test-v1 with --smoke; "
-                       "diffusion: diffusion-v1, diffusion-test-v1 with --smoke)")
-    group.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
+    p.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v2, test-v1 with --smoke; "
+                   "diffusion: diffusion-v1, diffusion-test-v1 with --smoke); with --search, where the search starts")
+    p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
     p.add_argument("--seeds", type=int, default=2, help="seeds for re-running the best recipes")

@@ -46,14 +46,15 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every stage (skipping those already done for this config); returns a summary dict.
 
-    `suite` (None: the kind's `run_suite`) or `search` picks the audit's attacks; `epsilon` None is the
-    kind's default; `samples` lets a diffusion audit draw sample grids and judge them (judge cached in
-    `root/judge`)."""
+    `suite` (None: the kind's `run_suite`) or `search` (starting from `suite` if given) picks the
+    audit's attacks; `epsilon` None is the kind's default; `samples` lets a diffusion audit draw
+    sample grids and judge them (judge cached in `root/judge`)."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
     kind = jobs.kind(cfg)
-    suite = None if search is not None else (suite or kind.run_suite)
+    if search is None:
+        suite = suite or kind.run_suite  # with --search, a suite is where the search starts
     epsilon = kind.epsilon if epsilon is None else epsilon
     tracking.ensure_store()  # fail fast on an unreachable server, before any work
     started = time.perf_counter()

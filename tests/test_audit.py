@@ -115,6 +115,7 @@ def test_search_with_permanent_failure_fails_verdict(ray_local, models, cfg, tmp
         (["--set", "input.size=8"], "does not match pipeline"),
         (["--seeds", "0"], "--seeds"),
         (["--search", "0"], "--search"),
+        (["--suite", "test-v1", "--search", "2"], "smaller than suite"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(ray_local, models, tmp_path, capsys, extra, needle):
@@ -130,8 +131,8 @@ def test_bad_input_raises_user_error_before_ray(models, cfg, tmp_path):
 
     with pytest.raises(UserError, match="unknown attack suite"):
         run_audit(cfg, str(models / "protected"), out=tmp_path, suite="nope")
-    with pytest.raises(UserError, match="both"):
-        run_audit(cfg, str(models / "protected"), out=tmp_path, suite="test-v1", search=4)
+    with pytest.raises(UserError, match="smaller than suite 'test-v1'"):
+        run_audit(cfg, str(models / "protected"), out=tmp_path, suite="test-v1", search=3)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -168,6 +169,25 @@ def test_planner_plans_explore_then_reruns_of_top_recipes():
     reruns = [p.suggest(f"r{i}") for i in range(8)]
     assert {(c["index"], c["seed"]) for c in reruns} == {(1, 1), (0, 1), (1, 2), (0, 2)}
     assert p.suggest("r8") == p.FINISHED and p.total == 6 + 8
+
+
+def test_search_starts_from_the_suite_then_tpe():
+    from sophon_ray.audit.space import optuna_searcher, to_point
+    from sophon_ray.diffusion_jobs import get_suite as diffusion_suite
+
+    for suite in [*SUITES.values(), diffusion_suite("diffusion-v1")]:  # every suite can seed a search
+        strategies = ("all", "up", "down") if suite[0].strategy in ("all", "up", "down") else STRATEGIES
+        assert all(to_recipe(to_point(r, strategies)) == r for r in suite)
+    with pytest.raises(UserError, match="outside the search space"):
+        to_point(Recipe(lr=1.0))  # adam at lr 1.0: above the space's 1e-1
+    with pytest.raises(UserError, match="outside the search space"):
+        to_point(Recipe(schedule="warmup", warmup_steps=5))  # the space draws the default warm-up only
+    seeds = QUICK_V2[-3:]
+    p = AuditPlanner(("protected", "scratch"), inner=optuna_searcher(n_trials=5, start_from=seeds), n_search=5,
+                     seeds=1, top_k=1)
+    configs = [p.suggest(f"t{i}") for i in range(10)]
+    assert [Recipe(**c["recipe"]) for c in configs[:6:2]] == list(seeds)  # the suite's recipes first, in order
+    assert [c["subject"] for c in configs[:2]] == ["protected", "scratch"] and len(p.recipes) == 5
 
 
 def test_minimising_goal_ranks_lowest_first_and_skips_diverged():

@@ -51,8 +51,8 @@ class Plan:
     model_dir: str
     sha256: str
     subjects: dict[str, str | None]
-    mode: str  # suite name or "search<N>"
-    recipes: tuple | None
+    mode: str  # suite name, "search<N>", or "search<N>-<suite>" (a search starting from the suite)
+    recipes: tuple | None  # the suite's recipes (run, or the search's first suggestions)
     search: int | None
     seeds: int
     fault: tuple[str, str] | None
@@ -119,11 +119,17 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
     budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
     if seeds is None or seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
-    if suite is not None and search is not None:
-        raise UserError("pass either --suite NAME or --search N, not both")
     if search is not None and search < 1:
         raise UserError(f"--search {search}: the number of search trials must be at least 1")
-    recipes = jobs.get_suite(cfg, suite) if search is None else None
+    recipes = jobs.get_suite(cfg, suite) if search is None or suite is not None else None
+    if search is not None and recipes is not None:  # a search that starts from the suite's recipes
+        if search < len(recipes):
+            raise UserError(f"--search {search} is smaller than suite {suite!r} ({len(recipes)} recipes) it starts "
+                            f"from; pass --search {len(recipes)} or more")
+        from sophon_ray.audit.space import to_point
+
+        for r in recipes:
+            to_point(r, jobs.kind(cfg).strategies)
     cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=budgets))
     t = jobs.load_tensors(cfg)
     model_dir = _resolve_dir(model)
@@ -132,7 +138,7 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
     original = _original(cfg, card, t, log)
     if original:
         subjects["original"] = original
-    mode = f"search{search}" if search is not None else (suite or kind.audit_suite)
+    mode = (suite or kind.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
     return Plan(cfg, str(model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
                 _parse_fault(fault_trial))
 
@@ -299,7 +305,8 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         cfg: the pipeline config; model: protected model directory or MLflow URI.
         out: output directory (audit.json, report.html, PNGs, .tune/).
         suite: attack suite name (default: the kind's, "default-v1" or "diffusion-v1"); search: N
-            Optuna trials instead.
+            Optuna trials instead; with both, the search's first suggestions are the suite's
+            recipes (N must be at least the suite's size).
         budgets: step budgets (default cfg.attack.budgets); seeds: re-run seeds of the top recipes.
         concurrency: max concurrent trials (default: all CPUs); epsilon: allowed margin (default:
             the kind's, 0.02 accuracy or 0.005 MSE).
@@ -327,14 +334,14 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     started, concurrency = _start_ray(ray_address, concurrency)
     try:
         subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
-        inner = (optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search, goal=kind.goal, strategies=kind.strategies)
-                 if search is not None else None)
+        inner = (optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search, goal=kind.goal, strategies=kind.strategies,
+                                 start_from=plan.recipes or ()) if search is not None else None)
         out = Path(out)
         storage, name = experiment(plan, out)
         shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, never a silent resume
         fault = (*plan.fault, str(storage / name / ".faults")) if plan.fault else None
-        planner = AuditPlanner(subjects, recipes=plan.recipes, inner=inner, n_search=search or 0, seeds=seeds,
-                               top_k=top_k, goal=kind.goal, fault=fault)
+        planner = AuditPlanner(subjects, recipes=None if inner is not None else plan.recipes, inner=inner,
+                               n_search=search or 0, seeds=seeds, top_k=top_k, goal=kind.goal, fault=fault)
         log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
             f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
         start = time.perf_counter()

@@ -7,8 +7,8 @@ Tuner run:
 
 1. explore: every recipe of a suite, or N suggestions of an inner searcher (Optuna TPE over
    `attack_space()`, optimising the protected model's best restricted metric in the attacker's
-   direction: maximising accuracy, minimising diffusion MSE), each applied to every subject
-   (protected, scratch, original) with seed 0;
+   direction: maximising accuracy, minimising diffusion MSE; optionally starting from a suite's
+   recipes), each applied to every subject (protected, scratch, original) with seed 0;
 2. re-run: once every explore trial has finished, the top-k recipes by the protected model's
    best value, plus the top-k by the scratch model's (so both sides of the margin get the
    same extra seeds), re-run on every subject with seeds 1..S at the full budget.
@@ -29,6 +29,7 @@ from ray.tune.search import Searcher
 
 from sophon_ray.config import Recipe
 from sophon_ray.core.attack import OPTIMIZERS, SCHEDULES, STRATEGIES
+from sophon_ray.errors import UserError
 
 LR_RANGE = (1e-5, 1e-1)
 BATCH_SIZES = (16, 32, 64)
@@ -81,8 +82,30 @@ def to_recipe(point: dict[str, Any]) -> Recipe:
     )
 
 
+def to_point(recipe: Recipe, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Any]:
+    """A Recipe as a point of `attack_space(strategies)` (the inverse of `to_recipe`).
+
+    Args:
+        recipe: a suite recipe.
+        strategies: the strategies of the space.
+    Returns:
+        {"strategy", "optimizer", "lr", "batch_size", "weight_decay", "schedule"}. Raises
+        UserError when the recipe lies outside the space (it could then not seed a search).
+    """
+    lr = recipe.lr / LR_SCALE.get(recipe.optimizer, 1.0)
+    inside = (recipe.strategy in strategies and recipe.optimizer in OPTIMIZERS
+              and LR_RANGE[0] * (1 - 1e-9) <= lr <= LR_RANGE[1] * (1 + 1e-9) and recipe.batch_size in BATCH_SIZES
+              and recipe.weight_decay in WEIGHT_DECAYS and recipe.schedule in SCHEDULES)
+    point = {"strategy": recipe.strategy, "optimizer": recipe.optimizer, "lr": min(max(lr, LR_RANGE[0]), LR_RANGE[1]),
+             "batch_size": recipe.batch_size, "weight_decay": recipe.weight_decay, "schedule": recipe.schedule}
+    if not inside or to_recipe(point) != recipe:  # e.g. a warm-up length the space does not draw
+        raise UserError(f"recipe {recipe} lies outside the search space (lr {LR_RANGE[0]:g}..{LR_RANGE[1]:g}, batch "
+                        f"{BATCH_SIZES}, weight decay {WEIGHT_DECAYS}); seed the search with another --suite")
+    return point
+
+
 def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
-                    strategies: tuple[str, ...] = STRATEGIES) -> Searcher:
+                    strategies: tuple[str, ...] = STRATEGIES, start_from: tuple[Recipe, ...] = ()) -> Searcher:
     """Optuna TPE over `attack_space(strategies)`, optimising the trial metric "best" towards `goal`.
 
     Args:
@@ -90,6 +113,8 @@ def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
         n_trials: planned suggestions (sets the random start-up phase: a quarter, 4..16).
         goal: the attacker's goal, "max" (accuracy) or "min" (diffusion MSE).
         strategies: the strategies of the model kind (classifier head strategies or UNet all/up/down).
+        start_from: recipes (a suite) suggested first, in order (`points_to_evaluate`); TPE then
+            learns from their results like from its own.
     Returns:
         An OptunaSearch to pass to `AuditPlanner(inner=...)`.
     """
@@ -100,7 +125,8 @@ def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
     startup = max(4, min(16, n_trials // 4))
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
     space = OptunaSearch.convert_search_space(attack_space(strategies=strategies))
-    return OptunaSearch(space=space, metric="best", mode=goal, sampler=sampler)
+    points = [to_point(r, strategies) for r in start_from] or None
+    return OptunaSearch(space=space, metric="best", mode=goal, sampler=sampler, points_to_evaluate=points)
 
 
 def trial_id(subject: str, index: int, seed: int) -> str:
