@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 _ENV = "RAY_API_SERVER_ADDRESS"
 _ours: dict[str, str | None] = {"value": None}
@@ -26,18 +27,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_init_kwargs() -> dict[str, int]:
+def local_init_kwargs(prestart: bool = True) -> dict[str, Any]:
     """Extra `ray.init(address="local", ...)` arguments for a fresh local instance.
 
+    Args:
+        prestart: let the raylet start one idle worker process per CPU when the driver connects
+            (Ray's default). Plain actors and tasks (Ray Tune trials) start on them; Ray Train
+            V2's controller and workers never do (they carry their own runtime env), so for an
+            instance that only runs Ray Train they are processes competing for the CPUs while
+            Train starts (`prestart_worker_first_driver`, measured in docs/benchmarks.md).
     Returns:
-        {"dashboard_port": port}; `RAY_API_SERVER_ADDRESS` is set to that port on 127.0.0.1
-        unless the user set it.
+        {"dashboard_port": port} (and `_system_config` without prestart);
+        `RAY_API_SERVER_ADDRESS` is set to that port on 127.0.0.1 unless the user set it.
     """
     port = _free_port()
     current = os.environ.get(_ENV)
     if current is None or current == _ours["value"]:
         _ours["value"] = os.environ[_ENV] = f"http://127.0.0.1:{port}"
-    return {"dashboard_port": port}
+    extra: dict[str, Any] = {"dashboard_port": port}
+    if not prestart:
+        extra["_system_config"] = {"prestart_worker_first_driver": False}
+    return extra
 
 
 def shutdown() -> None:

@@ -61,8 +61,9 @@ def check_address(address: str | None) -> None:
         raise UserError(f"Ray cluster at {address} is unreachable; start it (ray start --head) or fix --ray-address") from None
 
 
-def init_ray(address: str | None, verbose: bool = False) -> bool:
-    """Connect to (or start) Ray quietly; returns True when this call started it."""
+def init_ray(address: str | None, verbose: bool = False, prestart: bool = True) -> bool:
+    """Connect to (or start) Ray quietly; returns True when this call started it. `prestart`:
+    see `ray_local.local_init_kwargs` (False for an instance that only runs Ray Train)."""
     import logging
 
     import ray
@@ -74,7 +75,7 @@ def init_ray(address: str | None, verbose: bool = False) -> bool:
     extra = {}
     if not address and not os.environ.get("RAY_ADDRESS"):
         address = "local"  # a fresh local instance, never whichever `ray start` head happens to run here
-        extra = ray_local.local_init_kwargs()
+        extra = ray_local.local_init_kwargs(prestart)
     ray.init(
         address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=verbose, configure_logging=True, **extra,
@@ -153,6 +154,7 @@ def protect_distributed(
     verbose: bool = False,
     log: Callable[[str], None] = print,
     on_metrics: Callable[[int, dict[str, float]], None] = lambda step, m: None,
+    prestart: bool = False,
 ) -> Path:
     """Run SOPHON protection on `workers` Ray Train workers and write the protected model dir.
 
@@ -167,6 +169,8 @@ def protect_distributed(
         max_failures: worker-failure restarts from the last checkpoint.
         fault: test-only fault injection {"iteration": i, "rank": r}: that worker exits once.
         on_metrics: receives (iteration, metrics) for every report, on the driver (for MLflow).
+        prestart: when this call starts a local Ray, let it prestart idle workers (Ray's default;
+            Train never uses them, so off: `ray_local.local_init_kwargs`).
     Returns:
         The protected model directory.
     """
@@ -197,7 +201,7 @@ def protect_distributed(
     importer = threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True)
     importer.start()
     try:
-        started = init_ray(ray_address, verbose)
+        started = init_ray(ray_address, verbose, prestart)
     finally:
         importer.join()
     import ray.train
