@@ -164,7 +164,7 @@ def test_planner_plans_explore_then_reruns_of_top_recipes():
     assert p.suggest("t6") is None  # waits for the explore trials to finish
     values = {"protected": [0.2, 0.9, 0.4], "scratch": [0.8, 0.1, 0.3]}
     for i, c in enumerate(configs):
-        p.on_trial_complete(f"t{i}", {"best": values[c["subject"]][c["index"]]})
+        p.on_trial_complete(f"t{i}", {"score": values[c["subject"]][c["index"]]})
     assert p.rerun_indices() == [1, 0]  # best protected recipe, then best scratch recipe
     reruns = [p.suggest(f"r{i}") for i in range(8)]
     assert {(c["index"], c["seed"]) for c in reruns} == {(1, 1), (0, 1), (1, 2), (0, 2)}
@@ -198,7 +198,7 @@ def test_minimising_goal_ranks_lowest_first_and_skips_diverged():
     configs = [p.suggest(f"t{i}") for i in range(6)]
     values = {"protected": [0.3, 0.1, float("inf")], "scratch": [0.2, 0.5, 0.4]}  # inf: every budget diverged
     for i, c in enumerate(configs):
-        p.on_trial_complete(f"t{i}", {"best": values[c["subject"]][c["index"]]})
+        p.on_trial_complete(f"t{i}", {"score": values[c["subject"]][c["index"]]})
     assert p.ranking("protected") == [(1, 0.1), (0, 0.3)] and p.rerun_indices() == [1, 0]
     trials = [{"subject": "protected", "status": "ok", "curve": {"5": 0.30, "10": None}},
               {"subject": "protected", "status": "ok", "curve": {"5": 0.25, "10": 0.2}},

@@ -289,7 +289,8 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
         f"re-runs, {wall:.0f}s):")
     log(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4))
     for index, value in planner.ranking("protected")[:3]:
-        log(f"  top protected recipe r{index:02d} best {value:.4g}: {recipe_label(planner.recipes[index])}")
+        log(f"  top protected recipe r{index:02d} score {value:.4g} (mean over budgets): "
+            f"{recipe_label(planner.recipes[index])}")
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
     log(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
         f"{v['failed_trials']} failed trials) -> {out / 'audit.json'}")

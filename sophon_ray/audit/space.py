@@ -6,12 +6,16 @@ size x weight decay x schedule) as Tune domains; `to_recipe` maps one sampled po
 Tuner run:
 
 1. explore: every recipe of a suite, or N suggestions of an inner searcher (Optuna TPE over
-   `attack_space()`, optimising the protected model's best restricted metric in the attacker's
+   `attack_space()`, optimising the protected model's restricted metric in the attacker's
    direction: maximising accuracy, minimising diffusion MSE; optionally starting from a suite's
    recipes), each applied to every subject (protected, scratch, original) with seed 0;
 2. re-run: once every explore trial has finished, the top-k recipes by the protected model's
-   best value, plus the top-k by the scratch model's (so both sides of the margin get the
-   same extra seeds), re-run on every subject with seeds 1..S at the full budget.
+   score, plus the top-k by the scratch model's (so both sides of the margin get the same extra
+   seeds), re-run on every subject with seeds 1..S at the full budget.
+
+A trial's score is the mean of its curve over the budgets (`trial.py`), not its best value at
+any budget: on an easy benchmark every recipe reaches the same ceiling late, and the best value
+would tie them all instead of ranking them by how fast they get there.
 
 No trial is stopped early: every trial runs every budget (protected models are built to look
 flat early, so early stopping must not decide the worst case).
@@ -106,7 +110,7 @@ def to_point(recipe: Recipe, strategies: tuple[str, ...] = STRATEGIES) -> dict[s
 
 def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
                     strategies: tuple[str, ...] = STRATEGIES, start_from: tuple[Recipe, ...] = ()) -> Searcher:
-    """Optuna TPE over `attack_space(strategies)`, optimising the trial metric "best" towards `goal`.
+    """Optuna TPE over `attack_space(strategies)`, optimising the trial metric "score" towards `goal`.
 
     Args:
         seed: sampler seed.
@@ -126,7 +130,7 @@ def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
     space = OptunaSearch.convert_search_space(attack_space(strategies=strategies))
     points = [to_point(r, strategies) for r in start_from] or None
-    return OptunaSearch(space=space, metric="best", mode=goal, sampler=sampler, points_to_evaluate=points)
+    return OptunaSearch(space=space, metric="score", mode=goal, sampler=sampler, points_to_evaluate=points)
 
 
 def trial_id(subject: str, index: int, seed: int) -> str:
@@ -144,7 +148,7 @@ class AuditPlanner(Searcher):
         n_search: how many recipes to ask `inner` for (search mode).
         seeds: re-run seeds per top recipe (seeds 1..S).
         top_k: how many top recipes per ranking subject are re-run.
-        goal: the attacker's goal on "best", "max" or "min" (decides what "top" means).
+        goal: the attacker's goal on "score", "max" or "min" (decides what "top" means).
         fault: (substring, "once"|"always", marker dir) marks trials for injected failures
             (tests only); "once" trials leave a marker file there when they fail.
     """
@@ -152,7 +156,7 @@ class AuditPlanner(Searcher):
     def __init__(self, subjects: tuple[str, ...], *, recipes: tuple[Recipe, ...] | None = None,
                  inner: Searcher | None = None, n_search: int = 0, seeds: int = 3, top_k: int = 3,
                  goal: str = "max", fault: tuple[str, str, str] | None = None):
-        super().__init__(metric="best", mode=goal)
+        super().__init__(metric="score", mode=goal)
         self.sign = 1.0 if goal == "max" else -1.0
         assert (recipes is None) != (inner is None), "suite XOR search"
         self.subjects, self.inner, self.seeds, self.top_k, self.fault = subjects, inner, seeds, top_k, fault
@@ -160,7 +164,7 @@ class AuditPlanner(Searcher):
         self.n_explore = len(self.recipes) if recipes is not None else n_search
         self.phase = "explore"
         self.planned: dict[str, dict[str, Any]] = {}  # trial id -> config, in hand-out order
-        self.best: dict[str, float] = {}  # trial id -> best value of an ok trial
+        self.scores: dict[str, float] = {}  # trial id -> score of an ok trial
         self.finished: set[str] = set()  # ok or failed for good
         self._queue: deque[dict[str, Any]] = deque()
         self._tune_to_id: dict[str, str] = {}
@@ -192,9 +196,9 @@ class AuditPlanner(Searcher):
         return len(explore) == self.n_explore * len(self.subjects) and all(t in self.finished for t in explore)
 
     def ranking(self, subject: str) -> list[tuple[int, float]]:
-        """(recipe index, best value) of the subject's ok seed-0 trials, best for the attacker first."""
-        rows = [(c["index"], self.best[t]) for t, c in self.planned.items()
-                if c["subject"] == subject and c["seed"] == 0 and t in self.best and math.isfinite(self.best[t])]
+        """(recipe index, score) of the subject's ok seed-0 trials, best for the attacker first."""
+        rows = [(c["index"], self.scores[t]) for t, c in self.planned.items()
+                if c["subject"] == subject and c["seed"] == 0 and t in self.scores and math.isfinite(self.scores[t])]
         return sorted(rows, key=lambda r: (-self.sign * r[1], r[0]))
 
     def rerun_indices(self) -> list[int]:
@@ -248,10 +252,10 @@ class AuditPlanner(Searcher):
         if tid is None:
             return
         self.finished.add(tid)
-        if not error and result and "best" in result:
-            self.best[tid] = float(result["best"])
+        if not error and result and "score" in result:
+            self.scores[tid] = float(result["score"])
         if trial_id in self._inner_ids:
-            self.inner.on_trial_complete(trial_id, result=result, error=error or not result or "best" not in result)
+            self.inner.on_trial_complete(trial_id, result=result, error=error or not result or "score" not in result)
 
     def save(self, checkpoint_path: str) -> None:  # resume is not supported: nothing to save
         pass
