@@ -4,7 +4,8 @@
 
 MODE none: plain local Ray (num_cpus=2; the raylet prestarts 2 bare workers). MODE hook: a
 job-level `worker_process_setup_hook` imports the three in every worker process. MODE task:
-two 1-CPU warm-up tasks that import them are submitted right after `ray.init`. Then the driver
+two 1-CPU warm-up tasks that import them are submitted right after `ray.init`. MODE preload: the
+local instance preloads them in every worker (`preload_python_modules`). Then the driver
 waits S seconds (the driver's own work before the Tuner starts), creates two 1-CPU actors and
 times creation + the actors' import of the three (0 s if already imported). Prints one line:
 mode, ray.init seconds, actors-ready seconds, and per actor (pid, import seconds). Used for the
@@ -32,6 +33,8 @@ def main() -> None:
     import ray
 
     kw = {"runtime_env": {"worker_process_setup_hook": "actor_warmup_probe.warm"}} if mode == "hook" else {}
+    if mode == "preload":  # every worker imports them before accepting work (Ray's preload_python_modules)
+        kw = {"_system_config": {"preload_python_modules": ["torch", "torch._dynamo", "ray.tune"]}}
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING", **kw)
     t1 = time.perf_counter()
