@@ -222,3 +222,24 @@ def test_plan_resolves_relative_model_paths(models, cfg, monkeypatch):
                      log=lambda m: None)
     assert plan.subjects["protected"] == str(models / "protected")
     assert plan.subjects["original"] == str(models / "source") and plan.subjects["scratch"] is None
+
+
+def test_per_recipe_best_and_score_skip_diverged_and_failed():
+    from sophon_ray.audit.report import per_recipe
+
+    def trial(subject, index, curve, status="ok"):
+        return {"id": f"{subject}-r{index:02d}-s0", "subject": subject, "seed": 0, "status": status,
+                "recipe": {"strategy": "direct-all"}, "curve": curve}
+
+    audit = {"attacker_goal": "max", "trials": [
+        trial("protected", 0, {"10": 0.2, "25": 0.6, "50": None}),
+        trial("scratch", 0, {"10": 0.5, "25": 0.9, "50": 1.0}),
+        trial("protected", 1, {"10": None, "25": None}),
+        trial("scratch", 1, {}, status="failed"),
+    ]}
+    best, score = per_recipe(audit), per_recipe(audit, stat="score")
+    assert best["r00"]["protected"] == 0.6 and best["r00"]["scratch"] == 1.0
+    assert score["r00"]["protected"] == pytest.approx(0.4) and score["r00"]["scratch"] == pytest.approx(0.8)
+    assert set(best["r01"]) == set(score["r01"]) == {"recipe"}  # all diverged / failed: no value
+    audit["attacker_goal"] = "min"
+    assert per_recipe(audit)["r00"]["scratch"] == 0.5

@@ -5,7 +5,7 @@ report can be re-drawn from a finished audit:
 
 - `curves.png`: best attack over recipes and seeds at each budget, protected vs scratch vs original;
 - `scatter.png`: per recipe (seed 0), the protected model's best value vs scratch's;
-- `search.png` (search mode): best protected value so far vs trial number;
+- `search.png` (search mode): best score (mean over budgets) so far vs trial number;
 - `original.png`: original-domain test metric of the protected model vs its source.
 
 "Best" follows the audit's `attacker_goal`: the highest accuracy, or the lowest diffusion MSE;
@@ -51,23 +51,32 @@ def _direction(audit: dict[str, Any]) -> str:
     return "higher" if audit["attacker_goal"] == "max" else "lower"
 
 
-def per_recipe(audit: dict[str, Any], seed: int = 0) -> dict[str, dict[str, Any]]:
-    """{"r07": {"recipe": {...}, "<subject>": best value}} over ok trials of one seed, in plan order.
+def _score(values: Any) -> float | None:
+    """A trial's score: the mean of its finite values over budgets (what the planner ranks and the
+    search optimises, `trial.py`); None when every value diverged."""
+    finite = [v for v in values if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def per_recipe(audit: dict[str, Any], seed: int = 0, stat: str = "best") -> dict[str, dict[str, Any]]:
+    """{"r07": {"recipe": {...}, "<subject>": value}} over ok trials of one seed, in plan order.
 
     Args:
         audit: the audit.json dict.
         seed: which seed's trials (0 = the explore trials).
+        stat: "best" (the attacker's best value at any budget) or "score" (the mean over budgets).
     Returns:
-        Per recipe index, its recipe and each subject's best value over budgets.
+        Per recipe index, its recipe and each subject's `stat` over budgets.
     """
+    reduce = {"best": lambda values: _best(audit, values), "score": _score}[stat]
     out: dict[str, dict[str, Any]] = {}
     for t in audit["trials"]:
         if t["seed"] != seed:
             continue
         row = out.setdefault(_index(t["id"]), {"recipe": t["recipe"]})
-        best = _best(audit, t["curve"].values()) if t["status"] == "ok" else None
-        if best is not None:
-            row[t["subject"]] = best
+        value = reduce(list(t["curve"].values())) if t["status"] == "ok" else None
+        if value is not None:
+            row[t["subject"]] = value
     return out
 
 
@@ -124,7 +133,10 @@ def plot_scatter(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, A
 
 
 def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, Any] | None = None) -> str:
-    """Best value so far vs search trial number, protected and scratch; returns the file name."""
+    """Best score so far vs search trial number, protected and scratch; returns the file name.
+
+    `rows` are `per_recipe(audit, stat="score")`: the search optimises the mean over budgets, and
+    the best value at any budget ties most recipes at the ceiling (flat on digits)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     maximise = audit is None or audit["attacker_goal"] == "max"
@@ -138,7 +150,7 @@ def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, An
         ax.step(xs, ys, where="post", label=subject, color=COLORS[subject])
     metric = audit["metric"] if audit else "accuracy"
     ax.set(xlabel="search trial (recipe) number",
-           ylabel=f"best restricted {metric} so far",
+           ylabel=f"best score so far\n(mean restricted {metric} over budgets)",
            title=f"Adversarial search progress\n({'higher' if maximise else 'lower'} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -249,7 +261,7 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
     rows = per_recipe(audit)
     images = [plot_curves(audit, out / "curves.png"), plot_scatter(rows, out / "scatter.png", audit)]
     if search:
-        images.append(plot_search(rows, out / "search.png", audit))
+        images.append(plot_search(per_recipe(audit, stat="score"), out / "search.png", audit))
     acc = original_accuracy(model_dir, source_dir, audit["metric"])
     if acc:
         images.append(plot_original(acc, out / "original.png", audit["metric"]))
