@@ -1,19 +1,25 @@
 """Ray Train overhead: the same N outer iterations on digits in-process vs 1 vs 2 Ray workers.
 
-    .venv/bin/python benchmarks/train_overhead.py [--iterations 20] [--threads 1]
+    .venv/bin/python benchmarks/train_overhead.py [--iterations 20] [--threads 1] [--report-every 1]
 
 In-process runs with `--threads` torch threads; each Ray worker gets `--threads` CPUs and as
 many torch threads, so 1 worker and in-process do the same work on the same cores. Per-iteration
 time is the steady state (iterations 5..N, from per-iteration timestamps); start-up is the
 wall time minus N steady iterations, and "wall-loop" the wall time minus the loop (first to
 last iteration, measured from the point where the protection was ready: robust when the median
-iteration is noisy). Prints a table, then one JSON line.
+iteration is noisy). With `--repeats N` the three rows run N times, in reversed order every
+other repeat (the machine's speed drifts by ~10% over minutes), and the table shows medians; the
+ratio to in-process is the median of the per-repeat ratios. The Ray rows call `ray.train.report` every `--report-every` iterations
+(default 1, the cadence `protect` itself uses for runs of up to 39 iterations; it reports every
+iterations // 20 beyond); per-iteration time is then the median over report intervals divided
+by their length. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,24 +45,27 @@ def in_process(cfg, source: Path, threads: int) -> dict:
     stamps = []
     while prot.iteration < cfg.protect.iterations:
         prot.step()
-        stamps.append(time.perf_counter())
-    return {"wall": time.perf_counter() - start, "stamps": [s - ready for s in stamps]}
+        stamps.append((prot.iteration, time.perf_counter() - ready))
+    return {"wall": time.perf_counter() - start, "stamps": stamps}
 
 
-def on_ray(cfg, source: Path, workers: int, threads: int, out: Path) -> dict:
+def on_ray(cfg, source: Path, workers: int, threads: int, out: Path, report_every: int = 1) -> dict:
     from sophon_ray.train.driver import protect_distributed
 
     start = time.perf_counter()
     d = protect_distributed(cfg, source, out / f"w{workers}", workers=workers, cpus_per_worker=threads,
-                            report_every=1, checkpoint_every=cfg.protect.iterations, log=lambda m: None)
+                            report_every=report_every, checkpoint_every=cfg.protect.iterations, log=lambda m: None)
     wall = time.perf_counter() - start
     metrics = json.loads((d / "metrics.json").read_text())
-    lines = (out / ".ray" / metrics["ray_run"] / "progress.jsonl").read_text().splitlines()
-    return {"wall": wall, "stamps": [json.loads(x)["seconds"] for x in lines], "timings": metrics["timings"]}
+    lines = [json.loads(x) for x in (out / ".ray" / metrics["ray_run"] / "progress.jsonl").read_text().splitlines()]
+    return {"wall": wall, "stamps": [(int(x["iteration"]), float(x["seconds"])) for x in lines],
+            "timings": metrics["timings"]}
 
 
-def steady(stamps: list[float], skip: int = 5) -> float:
-    steps = [b - a for a, b in zip(stamps[skip - 1 :], stamps[skip:])]
+def steady(stamps: list[tuple[int, float]], skip: int = 5) -> float:
+    """Median seconds per iteration over the intervals between (iteration, seconds) stamps that
+    start at iteration `skip` or later (the first iterations warm up)."""
+    steps = [(b - a) / (j - i) for (i, a), (j, b) in zip(stamps, stamps[1:]) if i >= skip]
     return statistics.median(steps)
 
 
@@ -64,37 +73,58 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-every", type=int, default=1, help="Ray rows: ray.train.report every N iterations")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the three rows N times, order reversed every other repeat; medians reported")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra digits config overrides, e.g. protect.envs_per_step=2")
     args = ap.parse_args()
     cfg = jobs.get_pipeline("digits", overrides=[f"protect.iterations={args.iterations}", "protect.guard_every=1000",
                                                  *args.set])
+    names = ["in-process", "ray 1 worker", "ray 2 workers"]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         source = jobs.pretrain(jobs.get_pipeline("digits", smoke=True), out / "source", log=lambda m: None)
-        rows = {"in-process": in_process(cfg, source, args.threads)}
-        for w in (1, 2):
-            rows[f"ray {w} worker{'s' if w > 1 else ''}"] = on_ray(cfg, source, w, args.threads, out)
-    base = steady(rows["in-process"]["stamps"])
+        for rep in range(args.repeats):
+            for name in names if rep % 2 == 0 else names[::-1]:
+                if name == "in-process":
+                    r = in_process(cfg, source, args.threads)
+                else:
+                    r = on_ray(cfg, source, int(name.split()[1]), args.threads, out / f"rep{rep}", args.report_every)
+                per = steady(r["stamps"])
+                # Everything but the loop itself (first to last iteration, warm-up included): does not
+                # depend on the median iteration, which E>2 environments of mixed cost make noisy.
+                runs[name].append({"wall_s": round(r["wall"], 2), "per_iteration_s": round(per, 4),
+                                   "startup_s": round(r["wall"] - per * args.iterations, 2),
+                                   "wall_minus_loop_s": round(r["wall"] - r["stamps"][-1][1], 2),
+                                   "timings_s": r.get("timings")})
+                print(f"  repeat {rep + 1}/{args.repeats} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    med = statistics.median
     result = {}
-    print(f"{'path':14s} {'wall s':>8s} {'per-iter s':>11s} {'vs in-proc':>10s} {'start-up s':>11s} {'wall-loop s':>11s}")
-    for name, r in rows.items():
-        per = steady(r["stamps"])
-        startup = r["wall"] - per * args.iterations
-        # Everything but the loop itself (first to last iteration, warm-up included): does not
-        # depend on the median iteration, which E>2 environments of mixed cost make noisy.
-        outside = r["wall"] - r["stamps"][-1]
-        result[name] = {"wall_s": round(r["wall"], 2), "per_iteration_s": round(per, 4),
-                        "ratio_vs_in_process": round(per / base, 3), "startup_s": round(startup, 2),
-                        "wall_minus_loop_s": round(outside, 2), "timings_s": r.get("timings")}
-        print(f"{name:14s} {r['wall']:8.2f} {per:11.4f} {per / base:10.3f} {startup:11.2f} {outside:11.2f}")
-    print("where the Ray rows' wall time went (s; Train's metrics.json 'timings'):")
-    for name, r in rows.items():
-        if r.get("timings"):
-            print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()))
+    print(f"{'path':14s} {'wall s':>8s} {'per-iter s':>11s} {'vs in-proc':>10s} {'start-up s':>11s} {'wall-loop s':>11s}"
+          f"   (medians of {args.repeats}; ratio = median of the per-repeat ratios)")
+    for name in names:
+        rs = runs[name]
+        ratios = [r["per_iteration_s"] / b["per_iteration_s"] for r, b in zip(rs, runs["in-process"])]
+        row = {k: round(med(r[k] for r in rs), 4) for k in ("wall_s", "per_iteration_s", "startup_s", "wall_minus_loop_s")}
+        row["ratio_vs_in_process"] = round(med(ratios), 3)
+        row["ratios"] = [round(x, 3) for x in ratios]
+        row["startups_s"] = [r["startup_s"] for r in rs]
+        timings = [r["timings_s"] for r in rs if r["timings_s"]]
+        row["timings_s"] = {k: round(med(t[k] for t in timings), 2) for k in timings[0]} if timings else None
+        row["runs"] = rs
+        result[name] = row
+        print(f"{name:14s} {row['wall_s']:8.2f} {row['per_iteration_s']:11.4f} {row['ratio_vs_in_process']:10.3f} "
+              f"{row['startup_s']:11.2f} {row['wall_minus_loop_s']:11.2f}")
+    print("where the Ray rows' wall time went (s, medians; Train's metrics.json 'timings'):")
+    for name, row in result.items():
+        if row["timings_s"]:
+            print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["timings_s"].items()))
     print(json.dumps({"benchmark": "train_overhead", "iterations": args.iterations, "threads": args.threads,
+                      "report_every": args.report_every, "repeats": args.repeats,
                       "overrides": args.set, "envs_per_step": cfg.protect.envs_per_step,
-                      "torch": torch.__version__, "results": result}))
+                      "torch": torch.__version__, "load_average_1m": round(os.getloadavg()[0], 2), "results": result}))
 
 
 if __name__ == "__main__":
