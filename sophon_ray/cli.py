@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
-    p.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v2, test-v1 with --smoke; "
+    p.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v3, test-v1 with --smoke; "
                    "diffusion: diffusion-v1, diffusion-test-v1 with --smoke); with --search, where the search starts")
     p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")

@@ -70,7 +70,7 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "classifier": Kind("sophon_ray.classifier_jobs", "accuracy", "acc", "max", "default-v1", "quick-v2", "test-v1",
+    "classifier": Kind("sophon_ray.classifier_jobs", "accuracy", "acc", "max", "default-v1", "quick-v3", "test-v1",
                        0.02, ("direct-all", "direct-FC", "initFC-all", "initFC-FC"), Recipe()),
     "diffusion": Kind("sophon_ray.diffusion_jobs", "mse", "mse", "min", "diffusion-v1", "diffusion-v1",
                       "diffusion-test-v1", 0.005, ("all", "up", "down"), Recipe("all", "adam", 1e-3, 16)),

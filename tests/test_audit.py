@@ -11,7 +11,7 @@ import pytest
 
 from sophon_ray import jobs
 from sophon_ray.audit.space import AuditPlanner, attack_space, to_recipe
-from sophon_ray.audit.suites import DEFAULT_V1, QUICK_V1, QUICK_V2, SUITES, get_suite
+from sophon_ray.audit.suites import DEFAULT_V1, QUICK_V1, QUICK_V2, QUICK_V3, SUITES, get_suite
 from sophon_ray.cli import main
 from sophon_ray.config import Recipe
 from sophon_ray.core.attack import OPTIMIZERS, STRATEGIES
@@ -139,6 +139,7 @@ def test_bad_input_raises_user_error_before_ray(models, cfg, tmp_path):
 def test_suites_are_fixed_and_cover_the_space():
     assert len(QUICK_V1) == 16 and get_suite("quick-v1") is QUICK_V1
     assert QUICK_V2[:16] == QUICK_V1 and len(set(QUICK_V2)) == 18 and set(QUICK_V2[16:]) <= set(DEFAULT_V1)
+    assert QUICK_V3[:18] == QUICK_V2 and len(set(QUICK_V3)) == 19 and get_suite("quick-v3") is QUICK_V3
     assert len(DEFAULT_V1) >= 48 and len(set(DEFAULT_V1)) == len(DEFAULT_V1)
     assert {r.strategy for r in DEFAULT_V1} == set(STRATEGIES) and {r.optimizer for r in DEFAULT_V1} == set(OPTIMIZERS)
     assert {r.schedule for r in DEFAULT_V1} == {"constant", "cosine", "warmup"}
