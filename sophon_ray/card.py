@@ -31,6 +31,40 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it ("AMD EPYC, family 26 model 2"); platform's guess elsewhere."""
+    import platform
+
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']}, family {info['cpu family']} model {info['model']}"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """What, besides the seeds and the config, decides this process's floating-point results.
+
+    The same seeded run gives bit-identical weights only where these match: torch picks its CPU
+    kernels by the CPU's instruction set (`cpu_capability`, capped with the environment variable
+    `ATEN_CPU_CAPABILITY`), oneDNN (convolutions) dispatches on its own (`ONEDNN_MAX_CPU_ISA`;
+    "native" = not capped), and the thread count splits reductions. Recorded in every model
+    card's lineage (docs/results.md: a model made on a Zen 5 CPU with both capped at AVX2 is
+    bit-identical to the one made on an AVX2 machine).
+    """
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or "native",
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "machine": platform.machine(),
+    }
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to `path` via a temporary file and a rename."""
     path = Path(path)

@@ -132,6 +132,11 @@ def head_keys(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def make_card(cfg: PipelineConfig, t: Tensors, role: str, lineage: dict[str, Any]) -> dict[str, Any]:
+    """The model.json fields of a model made from `cfg`; `lineage` gains this process's
+    `cardlib.environment()` unless it names the environment already (Ray Train: the workers')."""
+    from sophon_ray import card as cardlib
+
+    lineage = {**lineage, "environment": lineage.get("environment") or cardlib.environment()}
     return {
         "kind": cfg.kind,
         "arch": {"name": cfg.arch.name, "kwargs": dict(cfg.arch.kwargs)},

@@ -36,6 +36,8 @@ def test_pretrain_and_protect_write_valid_model_dirs(models):
         model, loaded = sophon_ray.load_model(d)
         assert loaded["sha256"] == card["sha256"]
         assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 5)
+        env = card["lineage"]["environment"]  # what decides bit-reproducibility (docs/results.md)
+        assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["torch"] == torch.__version__
     lineage = json.loads((models / "protected" / "model.json").read_text())["lineage"]
     assert lineage["source"]["sha256"] == json.loads((models / "source" / "model.json").read_text())["sha256"]
     assert not list(models.glob(".*tmp*"))  # nothing half-written left behind

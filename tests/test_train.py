@@ -72,8 +72,9 @@ def test_one_and_two_workers_give_the_same_parameters(ray_local, source):
     one = _protect(cfg, src, source / "eq1", workers=1)
     two = _protect(cfg, src, source / "eq2", workers=2)
     local = jobs.protect(cfg, src, source / "eq0", log=lambda m: None)
-    m1, _ = sophon_ray.load_model(one)
+    m1, card1 = sophon_ray.load_model(one)
     m2, _ = sophon_ray.load_model(two)
+    assert card1["lineage"]["environment"]["torch_threads"] == 1  # the Ray worker's (1 CPU), written by rank 0
     m0, _ = sophon_ray.load_model(local)
     s0 = sophon_ray.load_model(src)[0].state_dict()
     for k, v in m1.state_dict().items():

@@ -215,6 +215,7 @@ def protect_distributed(
         _materialise(cfg, Path(source), run_dir)
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
         (run_dir / "worker_timings.json").unlink(missing_ok=True)
+        (run_dir / "environment.json").unlink(missing_ok=True)
         iters = cfg.protect.iterations
         loop_config = {
             "cfg": cfg, "run_dir": str(run_dir), "source_value": source_value, "threads": cpus_per_worker,
@@ -262,7 +263,9 @@ def protect_distributed(
             "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, "workers": workers,
             "seconds": round(time.perf_counter() - start, 2), "ray_run": name,
         }
+        env_file = run_dir / "environment.json"  # rank 0's: the workers did the arithmetic, not this driver
         lineage = {"source": {"path": lineage_path(source), "sha256": src_card["sha256"]},
+                   "environment": json.loads(env_file.read_text()) if env_file.exists() else None,
                    "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers},
                    "stage_hash": jobs.protect_stage_hash(cfg, src_card["sha256"], workers)}
         log(f"protect done: original test {kind.metric} {final[key]:.4f} (source {source_value:.4f}), "

@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ready = time.time()
     if rank == 0:  # where start-up time goes (read by the driver into metrics.json)
         _write_timings(run_dir, entered, ready)
+        cardlib.write_json_atomic(run_dir / "environment.json", cardlib.environment())  # -> the card's lineage
     fault = config.get("fault")
     progress = run_dir / "progress.jsonl"
     window: dict[str, list[float]] = {}
