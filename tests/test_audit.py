@@ -84,6 +84,8 @@ def test_suite_audit_with_baselines_retry_and_report(ray_local, models, cfg, tmp
     assert any(x.startswith(f"audit {len(audit['trials'])}/{len(audit['trials'])} ") for x in lines)
     for name in ("report.html", "curves.png", "scatter.png", "original.png"):
         assert (out / name).stat().st_size > 0
+    env = json.loads((models / "protected" / "model.json").read_text())["lineage"]["environment"]
+    assert f"CPU kernels {env['cpu_capability']}, oneDNN ISA {env['onednn_max_cpu_isa']}" in (out / "report.html").read_text()
     assert (out / ".tune").is_dir() and not list(out.glob(".*tmp*"))
 
 

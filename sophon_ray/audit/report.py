@@ -176,6 +176,19 @@ def original_accuracy(model_dir: str | None, source_dir: str | None, metric: str
     return out
 
 
+def environment_line(model_dir: str | None) -> str:
+    """One sentence on what made the model's bits (its card's `lineage.environment`), '' if unknown."""
+    try:
+        env = json.loads((Path(model_dir) / "model.json").read_text())["lineage"]["environment"] if model_dir else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if not isinstance(env, dict):
+        return ""
+    return (f"Made with torch {env.get('torch')} on {env.get('cpu')} ({env.get('machine')}): CPU kernels "
+            f"{env.get('cpu_capability')}, oneDNN ISA {env.get('onednn_max_cpu_isa')}, {env.get('torch_threads')} "
+            "torch threads. A re-made model is bit-identical only with these (docs/results.md).")
+
+
 def plot_original(acc: dict[str, float], path: Path, metric: str = "accuracy") -> str:
     """Bar of the original-domain test metric, source vs protected; returns the file name."""
     plt = _plt()
@@ -268,10 +281,12 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
     v = audit["verdict"]
     failed = [t["id"] for t in audit["trials"] if t["status"] != "ok"]
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
+    made = environment_line(model_dir)
     body = (
         f"<h1>Audit of {html.escape(audit['model']['uri'])}</h1>"
         f"<p>pipeline <b>{html.escape(audit['pipeline'])}</b>, sha256 <code>{audit['model']['sha256'][:16]}</code>, "
         f"{len(audit['trials'])} trials, budgets {audit['budgets']}</p>"
+        f"{f'<p><small>{html.escape(made)}</small></p>' if made else ''}"
         f"<h2>Verdict: {'PASSED' if v['passed'] else 'FAILED'}</h2><p>margin {margin} vs epsilon {v['epsilon']}; "
         f"failed trials: {v['failed_trials']} {html.escape(', '.join(failed[:20]))}</p>"
         f"<h2>Best attack (restricted test {audit['metric']}, attacker goal {audit['attacker_goal']}: "
