@@ -28,7 +28,10 @@ what this machine's two cores give two independent compute-bound processes, so t
 steady-state efficiency can be read against it.
 
 Usage:
-    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 2]
+    .venv/bin/python benchmarks/audit_throughput.py [--trials-budgets 5,10] [--repeats 2] [--suite quick-v1]
+
+`--suite default-v1` runs 96 trials per run instead of 32: the same measurement at a size nearer
+the hundreds of trials a real audit plans, where the fixed actor start-up weighs less.
 
 Prints a table, then (last line of stdout) one JSON object with every number; progress on stderr.
 """
@@ -82,14 +85,14 @@ def _recorder():
     return Recorder()
 
 
-def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path) -> dict:
+def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path, suite: str = "quick-v1") -> dict:
     from sophon_ray import jobs
     from sophon_ray.audit.driver import run_audit
 
     cfg = jobs.get_pipeline("digits", smoke=True)
     rec = _recorder()
     t0 = time.perf_counter()
-    audit = run_audit(cfg, str(model), out=out, suite="quick-v1", budgets=budgets, concurrency=concurrency,
+    audit = run_audit(cfg, str(model), out=out, suite=suite, budgets=budgets, concurrency=concurrency,
                       seeds=1, top_k=0, log=lambda m: None, callbacks=[rec])
     command = time.perf_counter() - t0
     trials = len(audit["trials"])
@@ -177,6 +180,8 @@ def main() -> None:
     ap.add_argument("--trials-budgets", default="5,10", help="step budgets of each trial")
     ap.add_argument("--repeats", type=int, default=2, help="runs per concurrency (medians reported)")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the plain-process (no Ray) ceiling")
+    ap.add_argument("--suite", default="quick-v1",
+                    help="attack suite: trials = 2 x its recipes (quick-v1: the issue's 32; default-v1: 96)")
     args = ap.parse_args()
     budgets = tuple(int(b) for b in args.trials_budgets.split(","))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -190,7 +195,7 @@ def main() -> None:
         for rep in range(args.repeats):
             for c in (1, 2):
                 _err(f"repeat {rep + 1}/{args.repeats}, concurrency {c} ...")
-                runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}"))
+                runs.append(run_once(model, budgets, c, root / f"audit-c{c}-{rep}", args.suite))
                 _err(f"  {runs[-1]}")
         ceiling = None
         if not args.no_ceiling:
@@ -220,7 +225,7 @@ def main() -> None:
         print(f"machine ceiling (same trials, 2 vs 1 plain processes, no Ray): {ceiling['efficiency']:.1%} "
               f"({ceiling[1]['trials_per_min']:.1f} vs {ceiling[2]['trials_per_min']:.1f} trials/min)")
     print(json.dumps({
-        "benchmark": "audit_throughput", "budgets": list(budgets), "repeats": args.repeats, "runs": runs,
+        "benchmark": "audit_throughput", "suite": args.suite, "budgets": list(budgets), "repeats": args.repeats, "runs": runs,
         "median_runs": med, "parallel_efficiency": round(eff, 3), "steady_parallel_efficiency": round(steady_eff, 3),
         "command_parallel_efficiency": round(command_eff, 3), "plain_process_ceiling": ceiling,
         "overhead_per_trial_s": med[1]["overhead_per_trial_s"],
