@@ -50,8 +50,8 @@ def environment() -> dict[str, Any]:
     kernels by the CPU's instruction set (`cpu_capability`, capped with the environment variable
     `ATEN_CPU_CAPABILITY`), oneDNN (convolutions) dispatches on its own (`ONEDNN_MAX_CPU_ISA`;
     "native" = not capped), and the thread count splits reductions. Recorded in every model
-    card's lineage (docs/results.md: a model made on a Zen 5 CPU with both capped at AVX2 is
-    bit-identical to the one made on an AVX2 machine).
+    card's lineage (docs/results.md: with oneDNN capped at AVX2, an AVX-512 machine made the
+    earlier, most likely AVX2-only, machines' digits models bit for bit).
     """
     import platform
 

@@ -186,7 +186,8 @@ def environment_line(model_dir: str | None) -> str:
         return ""
     return (f"Made with torch {env.get('torch')} on {env.get('cpu')} ({env.get('machine')}): CPU kernels "
             f"{env.get('cpu_capability')}, oneDNN ISA {env.get('onednn_max_cpu_isa')}, {env.get('torch_threads')} "
-            "torch threads. A re-made model is bit-identical only with these (docs/results.md).")
+            "torch threads. A re-made model (same code, config, seeds) is bit-identical only where these match "
+            "(docs/results.md).")
 
 
 def plot_original(acc: dict[str, float], path: Path, metric: str = "accuracy") -> str:
