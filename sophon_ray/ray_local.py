@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 _ENV = "RAY_API_SERVER_ADDRESS"
-_ours: dict[str, str | None] = {"value": None}
+_ours: dict[str, Any] = {"value": None, "instance": False}
 
 
 def _free_port() -> int:
@@ -41,6 +41,7 @@ def local_init_kwargs(prestart: bool = True) -> dict[str, Any]:
         `RAY_API_SERVER_ADDRESS` is set to that port on 127.0.0.1 unless the user set it.
     """
     port = _free_port()
+    _ours["instance"] = True
     current = os.environ.get(_ENV)
     if current is None or current == _ours["value"]:
         _ours["value"] = os.environ[_ENV] = f"http://127.0.0.1:{port}"
@@ -50,6 +51,14 @@ def local_init_kwargs(prestart: bool = True) -> dict[str, Any]:
     return extra
 
 
+def owns_instance() -> bool:
+    """Whether this process runs a local Ray instance it started itself (with `local_init_kwargs`),
+    i.e. one no other job shares and that `shutdown` will stop."""
+    import ray
+
+    return bool(_ours["instance"]) and ray.is_initialized()
+
+
 def shutdown() -> None:
     """`ray.shutdown()`, then drop the `RAY_API_SERVER_ADDRESS` that `local_init_kwargs` set, so
     that nothing later in this process (or a subprocess it starts, e.g. `ray job submit` to another
@@ -57,6 +66,7 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
+    _ours["instance"] = False
     if _ours["value"] is not None and os.environ.get(_ENV) == _ours["value"]:
         del os.environ[_ENV]
     _ours["value"] = None

@@ -189,3 +189,19 @@ def test_local_shutdown_drops_our_state_api_address(monkeypatch):
     ray_local.local_init_kwargs()
     ray_local.shutdown()
     assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
+
+
+def test_lean_trainer_drops_only_the_helper_actors_this_job_cannot_use():
+    import ray.train
+
+    from sophon_ray.train.driver import lean_trainer_class
+
+    def names(own_instance: bool, datasets=None) -> set[str]:
+        trainer = lean_trainer_class(own_instance)(lambda config: None, datasets=datasets,
+                                                   scaling_config=ray.train.ScalingConfig(num_workers=1))
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    own, shared = names(True), names(False)
+    assert "BackendSetupCallback" in own and not {"DatasetsCallback", "PlacementGroupCleanerCallback"} & own
+    assert shared == own | {"PlacementGroupCleanerCallback"}  # a shared cluster keeps the placement-group safety net
+    assert "DatasetsCallback" in names(True, {"train": lambda: None})  # datasets given: Train's own handling
