@@ -53,7 +53,9 @@ def local_init_kwargs(prestart: bool = True) -> dict[str, Any]:
 
 def owns_instance() -> bool:
     """Whether this process runs a local Ray instance it started itself (with `local_init_kwargs`),
-    i.e. one no other job shares and that `shutdown` will stop."""
+    i.e. one no other job shares and that `shutdown` will stop. Instances started here must be
+    stopped with `shutdown` (not bare `ray.shutdown`), or a later connection to a shared cluster
+    would still count as ours."""
     import ray
 
     return bool(_ours["instance"]) and ray.is_initialized()

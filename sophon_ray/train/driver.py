@@ -104,9 +104,9 @@ def lean_trainer_class(own_instance: bool) -> type:
     is Parquet in the run's storage) and `PlacementGroupCleanerCallback` (a detached actor that
     frees the placement group should the controller die; on a local instance this process started
     and will stop, `ray.shutdown` frees everything anyway, so it is dropped only there). On a 2-core
-    machine their start-up competes with the workers': 2-worker start-up 13.4 s vs 16.3 s, medians
-    of 3 interleaved pairs (docs/benchmarks.md). Falls back to the plain `TorchTrainer` should a Ray
-    release move these classes.
+    machine their start-up competes with the workers': 2-worker start-up 13.1 s vs 15.9 s, medians
+    of 3 interleaved pairs (`benchmarks/train_lean_ab.py`, docs/benchmarks.md). Falls back to the
+    plain `TorchTrainer` should a Ray release move these classes.
     """
     from ray.train.torch import TorchTrainer
 
