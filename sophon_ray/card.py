@@ -66,46 +66,72 @@ def environment() -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to `path` via an fsync'ed temporary file and a rename."""
+    from sophon_ray.outputs import write_json_atomic as write
+
+    write(path, obj)
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a completed directory `tmp` to `out`, replacing any previous `out`."""
+def replace_dir(tmp: Path, out: Path, kind: str = "model") -> None:
+    """Move a completed directory `tmp` to `out`, replacing a previous `out` only when it is a
+    sophon-ray output of `kind` or was claimed by this process (`outputs.guard`)."""
+    from sophon_ray.outputs import fsync_dir, guard
+
+    guard(out, kind)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
+    if out.exists() or out.is_symlink():
         os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            os.replace(old, out)  # put the previous output back
+        raise
+    fsync_dir(out.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_model_dir(out: str | Path, model: torch.nn.Module, card: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """Write a model directory atomically.
 
     Args:
-        out: destination directory (replaced if present).
+        out: destination directory (replaced if it is a sophon-ray model directory or was claimed
+            with `outputs.claim`; anything else is refused).
         model: the module whose state_dict is saved (parameters and buffers).
         card: the model.json fields except "format" and "sha256", which are filled in here.
         metrics: the run's final measured metrics.
     Returns:
         The directory path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from sophon_ray.outputs import guard
 
     out = Path(out)
+    guard(out, "model")  # before the work of writing: refuse a user's folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-    full = {"format": FORMAT, **card, "sha256": sha256_file(tmp / WEIGHTS)}
-    (tmp / CARD).write_text(json.dumps(full, indent=2) + "\n")
-    (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-    replace_dir(tmp, out)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        _write_synced(tmp / WEIGHTS, save(state, metadata={"format": FORMAT}))
+        full = {"format": FORMAT, **card, "sha256": sha256_file(tmp / WEIGHTS)}
+        _write_synced(tmp / CARD, (json.dumps(full, indent=2) + "\n").encode())
+        _write_synced(tmp / METRICS, (json.dumps(metrics, indent=2) + "\n").encode())
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; removed after a failure
     return out
 
 
@@ -163,7 +189,12 @@ def load_model(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     card = read_card(src)
     state = load_state(src, card)
     module = build_from_card(card)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: the card's arch is not the one the weights were made with
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:160]
+        raise UserError(f"weights in {src} do not fit the arch its card names ({card['arch'].get('name')}: {first}); "
+                        "the card was edited or the directory is corrupt: re-create the model") from None
     if missing or unexpected:
         raise UserError(
             f"weights in {src} do not fit arch {card['arch']['name']} (missing {list(missing)[:3]}, "

@@ -120,6 +120,12 @@ class AttackConfig:
     budgets: tuple[int, ...] = (25, 50, 100, 200, 400)
     eval_batch: int = 512
     seed: int = 0
+    # Classifiers: the attacker fine-tunes on at most this many restricted training images per
+    # class, one subset drawn with `seed` and shared by every subject and trial (None = all).
+    train_per_class: int | None = None
+    # The control's power a verdict needs: the source must beat scratch by at least this much at
+    # some budget for `passed` (None = the kind's default: 0.10 accuracy, 0.025 MSE).
+    min_gap: float | None = None
 
 
 @dataclass(frozen=True)

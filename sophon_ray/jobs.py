@@ -35,7 +35,43 @@ def get_pipeline(name: str, smoke: bool = False, overrides: tuple[str, ...] | li
 
     if name not in PIPELINES:
         raise UserError(f"unknown pipeline {name!r}; run `sophon-ray pipelines` to list them ({', '.join(PIPELINES)})")
-    return apply_overrides(PIPELINES[name].get_config(smoke=smoke), list(overrides))
+    cfg = apply_overrides(PIPELINES[name].get_config(smoke=smoke), list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def _positive(where: str, value: Any, kind: type = int, zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value != float("inf")
+    ok = ok and (isinstance(value, int) if kind is int else True) and (value >= 0 if zero else value > 0)
+    if not ok:
+        what = "an integer" if kind is int else "a number"
+        raise UserError(f"{where}={value!r}: must be {what} {'>= 0' if zero else '> 0'}; fix it with --set {where}=...")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Check a whole pipeline config up front (UserError naming the field): pretraining, input,
+    attack budgets and batch, and the protection settings (`core.protect.validate_config`)."""
+    from sophon_ray.core.protect import validate_config
+
+    kind(cfg)
+    for key in ("steps", "batch_size"):
+        _positive(f"pretrain.{key}", getattr(cfg.pretrain, key))
+    _positive("pretrain.lr", cfg.pretrain.lr, float)
+    _positive("pretrain.weight_decay", cfg.pretrain.weight_decay, float, zero=True)
+    _positive("input.channels", cfg.input.channels)
+    _positive("input.size", cfg.input.size)
+    if {len(cfg.input.mean), len(cfg.input.std)} - {1, cfg.input.channels}:
+        raise UserError(f"input.mean/std need 1 or {cfg.input.channels} values (one per channel); got {list(cfg.input.mean)} / "
+                        f"{list(cfg.input.std)}")
+    for i, sd in enumerate(cfg.input.std):
+        _positive(f"input.std[{i}]", sd, float)
+    budgets = list(cfg.attack.budgets)
+    if not budgets or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in budgets) or budgets != sorted(set(budgets)):
+        raise UserError(f"attack.budgets={budgets}: expected increasing positive integers like [25,50,100]")
+    _positive("attack.eval_batch", cfg.attack.eval_batch)
+    if not cfg.restricted:
+        raise UserError("restricted: a pipeline needs at least one restricted domain")
+    validate_config(cfg.protect, cfg.kind)
 
 
 # -- what differs between kinds ------------------------------------------------------------
@@ -49,6 +85,9 @@ class Kind:
     goal: what the attacker wants of the restricted metric ("max" | "min").
     audit_suite / run_suite / smoke_suite: default attack suites of `audit`, `run`, `run --smoke`.
     epsilon: the default allowed margin of the verdict (in units of the metric).
+    min_gap: the default power the control needs (source minus scratch, in units of the metric) for
+        a verdict to be `passed` rather than `inconclusive`: five epsilons, so that an advantage
+        the protection removed is five times what the verdict tolerates (docs/design.md).
     strategies: attack strategies the search space draws from.
     default_recipe: the attack of `sophon-ray attack` / `samples` without --recipe.
     """
@@ -61,6 +100,7 @@ class Kind:
     run_suite: str
     smoke_suite: str
     epsilon: float
+    min_gap: float
     strategies: tuple[str, ...]
     default_recipe: Recipe
 
@@ -71,9 +111,9 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "classifier": Kind("sophon_ray.classifier_jobs", "accuracy", "acc", "max", "default-v1", "quick-v3", "test-v1",
-                       0.02, ("direct-all", "direct-FC", "initFC-all", "initFC-FC"), Recipe()),
+                       0.02, 0.10, ("direct-all", "direct-FC", "initFC-all", "initFC-FC"), Recipe()),
     "diffusion": Kind("sophon_ray.diffusion_jobs", "mse", "mse", "min", "diffusion-v1", "diffusion-v1",
-                      "diffusion-test-v1", 0.005, ("all", "up", "down"), Recipe("all", "adam", 1e-3, 16)),
+                      "diffusion-test-v1", 0.005, 0.025, ("all", "up", "down"), Recipe("all", "adam", 1e-3, 16)),
 }
 
 
@@ -150,12 +190,17 @@ def make_card(cfg: PipelineConfig, t: Tensors, role: str, lineage: dict[str, Any
 
 
 def check_compatible(card: dict[str, Any], cfg: PipelineConfig, num_classes: int, where: str) -> None:
-    """Refuse a model whose kind, class count or input spec does not match the pipeline's data."""
+    """Refuse a model whose kind, architecture, class count or input spec does not match the
+    pipeline's (the audit's scratch baseline is built from the pipeline's arch)."""
     want_in = dataclasses.asdict(cfg.input)
     got_in = {k: (tuple(v) if isinstance(v, list) else v) for k, v in card["input"].items()}
     problems = []
     if card["kind"] != cfg.kind:
         problems.append(f"kind {card['kind']} != {cfg.kind}")
+    arch = card.get("arch") or {}
+    if arch.get("name") != cfg.arch.name or dict(arch.get("kwargs") or {}) != dict(cfg.arch.kwargs):
+        # the audit's scratch baseline is the pipeline's arch: another arch would be compared unfairly
+        problems.append(f"arch {arch.get('name')} {dict(arch.get('kwargs') or {})} != {cfg.arch.name} {dict(cfg.arch.kwargs)}")
     if card.get("num_classes") != num_classes:
         problems.append(f"{card.get('num_classes')} classes != {num_classes}")
     if got_in != want_in:

@@ -9,6 +9,15 @@ stop timeout), measured in `docs/benchmarks.md`. For an instance we start oursel
 the dashboard port and point `RAY_API_SERVER_ADDRESS` at it before `ray.init`, so the raylet and
 every worker inherit an address that belongs to this instance (answering, or refusing at once
 when the dashboard is off). A value the user set is never overridden.
+
+A local instance listens on 127.0.0.1 only. Ray 2.60 binds its gRPC servers (GCS, raylet,
+workers) to the node's IP, or to all interfaces, unless that IP is the loopback address; it
+resolves "127.0.0.1" to the machine's external IP unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
+a setting Ray reads once, when it is imported. `loopback_env()` sets it before Ray is imported
+(the CLI does this first thing; tests in conftest.py); `local_init_kwargs` passes
+`_node_ip_address="127.0.0.1"` and, should Ray have been imported before (a notebook), turns the
+already-read setting off for this process. `ss -ltn` during a local audit then shows every Ray
+socket on 127.0.0.1 (tests/test_safety.py checks it). Connecting to a cluster changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import socket
 from typing import Any
 
 _ENV = "RAY_API_SERVER_ADDRESS"
+LOOPBACK = "127.0.0.1"
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a local node on the loopback address
 _ours: dict[str, Any] = {"value": None, "instance": False}
 
 
@@ -25,6 +36,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def loopback_env() -> None:
+    """Before Ray is imported: make a local Ray instance this process starts listen on 127.0.0.1
+    only (a value the user set is kept)."""
+    os.environ.setdefault(_CLUSTER_ENV, "0")
+
+
+def _loopback_node() -> dict[str, Any]:
+    from ray._private import ray_constants
+
+    if os.environ.get(_CLUSTER_ENV, "0") in ("1", "true", "True"):
+        return {}  # the user asked for an externally reachable node
+    loopback_env()
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; Ray was imported before loopback_env()
+    return {"_node_ip_address": LOOPBACK}
+
+
+def quiet_token_notice() -> None:
+    """Ray 2.60 prints a WARNING on every start that token authentication is on (the default, kept
+    as it is); the notice is noise for our own local instance (`--verbose` shows it)."""
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def local_init_kwargs(prestart: bool = True) -> dict[str, Any]:
@@ -37,15 +72,17 @@ def local_init_kwargs(prestart: bool = True) -> dict[str, Any]:
             instance that only runs Ray Train they are processes competing for the CPUs while
             Train starts (`prestart_worker_first_driver`, measured in docs/benchmarks.md).
     Returns:
-        {"dashboard_port": port} (and `_system_config` without prestart);
+        {"dashboard_port": port, "_node_ip_address": "127.0.0.1"} (and `_system_config` without
+        prestart);
         `RAY_API_SERVER_ADDRESS` is set to that port on 127.0.0.1 unless the user set it.
     """
     port = _free_port()
     _ours["instance"] = True
+    quiet_token_notice()
     current = os.environ.get(_ENV)
     if current is None or current == _ours["value"]:
         _ours["value"] = os.environ[_ENV] = f"http://127.0.0.1:{port}"
-    extra: dict[str, Any] = {"dashboard_port": port}
+    extra: dict[str, Any] = {"dashboard_port": port, **_loopback_node()}
     if not prestart:
         extra["_system_config"] = {"prestart_worker_first_driver": False}
     return extra

@@ -5,7 +5,8 @@ from the in-process loop or, on Ray Train, from rank 0's progress reports read b
 audit trials reach MLflow through a Tune callback on the driver. The store and experiment are
 created before any Ray worker or trial starts. Registration happens only after a run
 succeeded: protect registers a new version with alias `candidate`; an audit of that exact
-sha256 tags it and, if it passed, sets alias `audited`.
+sha256 is recorded on it, and the alias `audited` follows the strongest audit recorded, set only
+when that audit's status is `passed` and it meets the recorded minimum (`audit.driver.certification`).
 
 Metric names say what they measure: per-iteration protection metrics are logged as
 `sim_<metric>` / `orig_<metric>` (e.g. `sim_mse`, `orig_accuracy`), final metrics come from the
@@ -92,8 +93,16 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
         if model_name is not None and version is not None:
             targets = sorted(set(targets) | {(model_name, int(version))})
         for name, ver in targets:
-            passed = tracking.record_audit(name, ver, result, run.run_id)
-            log(f"registry: {name} version {ver} audit {'passed -> alias audited' if passed else 'failed (not promoted)'}")
+            rec = tracking.record_audit(name, ver, result, run.run_id)
+            if rec["overridden_by"]:
+                log(f"registry: {name} version {ver}: this audit ({rec['status']}) is recorded, but a stronger earlier "
+                    f"audit (run {rec['overridden_by'][:12]}) decides: alias audited "
+                    f"{'stays' if rec['audited'] else 'not set'}")
+            elif rec["audited"]:
+                log(f"registry: {name} version {ver} audit passed and certifies -> alias audited")
+            else:
+                log(f"registry: {name} version {ver} audit {rec['status']}"
+                    f"{'' if rec['status'] != 'passed' else ' but too weak to certify'} (not promoted to audited)")
     return result
 
 

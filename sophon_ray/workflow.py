@@ -36,6 +36,8 @@ def run_pipeline(
     seeds: int = 2,
     concurrency: int | None = None,
     epsilon: float | None = None,
+    min_gap: float | None = None,
+    smoke: bool = False,
     samples: bool = True,
     model_name: str | None = None,
     ray_address: str | None = None,
@@ -47,7 +49,8 @@ def run_pipeline(
     """Run every stage (skipping those already done for this config); returns a summary dict.
 
     `suite` (None: the kind's `run_suite`) or `search` (starting from `suite` if given) picks the
-    audit's attacks; `epsilon` None is the kind's default; `samples` lets a diffusion audit draw
+    audit's attacks; `epsilon` / `min_gap` None are the kind's defaults (min_gap: attack.min_gap
+    first); `smoke` is recorded in the audit (a smoke audit never certifies); `samples` lets a diffusion audit draw
     sample grids and judge them (judge cached in `root/judge`)."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
@@ -56,6 +59,9 @@ def run_pipeline(
     if search is None:
         suite = suite or kind.run_suite  # with --search, a suite is where the search starts
     epsilon = kind.epsilon if epsilon is None else epsilon
+    from sophon_ray.audit.driver import resolve_min_gap
+
+    min_gap = resolve_min_gap(cfg, min_gap)
     tracking.ensure_store()  # fail fast on an unreachable server, before any work
     started = time.perf_counter()
     times: dict[str, float] = {}
@@ -89,7 +95,7 @@ def run_pipeline(
 
         t0 = time.perf_counter()
         audit_dir = root / "audit"
-        stage = config_hash((cfg.attack, *extensions(cfg))) + f"-{protected_sha[:8]}-{suite}-{search}-{seeds}-{epsilon}-{samples}"
+        stage = config_hash((cfg.attack, *extensions(cfg))) + f"-{protected_sha[:8]}-{suite}-{search}-{seeds}-{epsilon}-{min_gap}-{samples}-{smoke}"
         done = audit_dir / "stage.json"
         if (audit_dir / "audit.json").exists() and done.exists() and json.loads(done.read_text()).get("stage") == stage:
             log(f"[3/3] audit: {audit_dir / 'audit.json'} is up to date, skipped")
@@ -98,6 +104,7 @@ def run_pipeline(
             log("[3/3] audit on Ray Tune: attacks on protected, scratch and original models")
             result = tracked.audit(cfg, str(protected), audit_dir, log, model_name=model_name, version=version,
                                    suite=suite, search=search, seeds=seeds, concurrency=concurrency, epsilon=epsilon,
+                                   min_gap=min_gap, smoke=smoke,
                                    ray_address=ray_address, samples=samples, judge_dir=str(root / "judge"))
             write_json_atomic(done, {"stage": stage})
         times["audit"] = time.perf_counter() - t0

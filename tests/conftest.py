@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+from sophon_ray import ray_local
+
+ray_local.loopback_env()  # before any test imports Ray: local instances listen on 127.0.0.1 only
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_mlflow(tmp_path_factory):
@@ -13,7 +17,6 @@ def _isolated_mlflow(tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local heads in tests have no auth token
     yield
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

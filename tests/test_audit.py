@@ -23,7 +23,6 @@ TRIAL_KEYS = {"id", "subject", "recipe", "seed", "status", "curve"}
 
 @pytest.fixture(scope="module")
 def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -50,7 +49,7 @@ def cfg():
 
 def _check_format(audit: dict, budgets: list[int]) -> None:
     assert list(audit) == ["format", "model", "pipeline", "metric", "attacker_goal", "budgets", "trials",
-                           "worst_case", "verdict"]
+                           "worst_case", "verdict", "strength", "certification"]
     assert audit["format"] == "sophon-ray/audit@1" and audit["pipeline"] == "digits"
     assert set(audit["model"]) == {"uri", "sha256"} and len(audit["model"]["sha256"]) == 64
     assert audit["metric"] == "accuracy" and audit["attacker_goal"] == "max" and audit["budgets"] == budgets
@@ -60,7 +59,10 @@ def _check_format(audit: dict, budgets: list[int]) -> None:
         if t["status"] == "ok":
             assert list(t["curve"]) == [str(b) for b in budgets]
             assert all(0.0 <= v <= 1.0 for v in t["curve"].values())
-    assert set(audit["verdict"]) == {"passed", "epsilon", "margin", "failed_trials"}
+    assert set(audit["verdict"]) == {"passed", "status", "reason", "epsilon", "margin", "failed_trials", "min_gap",
+                                     "control_gap", "gap", "residual", "removed"}
+    assert audit["verdict"]["passed"] == (audit["verdict"]["status"] == "passed")
+    assert audit["strength"]["smoke"] is False and audit["certification"]["certifies"] is False  # test-size audits
     for curve in audit["worst_case"].values():
         assert list(curve) == [str(b) for b in budgets]
 

@@ -52,11 +52,16 @@ def _model_dir(out: Path, seed: int) -> Path:
     return save_model_dir(out, model, card, {"original_test_accuracy": 0.9})
 
 
-def _audit(sha: str, passed: bool, margin: float) -> dict:
+def _audit(sha: str, passed: bool, margin: float, status: str | None = None, certifies: bool | None = None,
+           trials: int = 100) -> dict:
+    status = status or ("passed" if passed else "failed")
+    certifies = status == "passed" if certifies is None else certifies
     return {"format": "sophon-ray/audit@1", "model": {"uri": "x", "sha256": sha}, "pipeline": "digits",
             "metric": "accuracy", "attacker_goal": "max", "budgets": [25, 50], "trials": [],
             "worst_case": {"protected": {"25": 0.2, "50": 0.3}, "scratch": {"25": 0.25, "50": 0.31}},
-            "verdict": {"passed": passed, "epsilon": 0.02, "margin": margin, "failed_trials": 0}}
+            "verdict": {"passed": status == "passed", "status": status, "epsilon": 0.02, "margin": margin,
+                        "failed_trials": 0},
+            "strength": {"trials": trials}, "certification": {"certifies": certifies, "problems": []}}
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +168,35 @@ def test_registry_lifecycle_and_tamper_refused(store, tmp_path, monkeypatch):
     torch.testing.assert_close(got(x), ref(x), rtol=0, atol=0)
     assert card["sha256"] == sha
 
-    # audited only after a passing audit of exactly these weights
-    with pytest.raises(UserError, match="no passing audit"):
+    # audited only after a certifying audit of exactly these weights
+    with pytest.raises(UserError, match="no certifying audit"):
         promote(name, version, "audited", tracking_uri=uri)
-    assert record_audit(name, version, _audit(sha, passed=False, margin=0.2), "run-a", tracking_uri=uri) is False
+    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.2), "run-a", tracking_uri=uri)
+    assert rec["status"] == "failed" and rec["audited"] is False and rec["overridden_by"] is None
     tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
     assert tags["audit_passed"] == "false" and tags["audit_run_id"] == "run-a" and tags["audit_margin"] == "0.2"
+    assert json.loads(tags["audit/run-a"])["status"] == "failed"
     assert "audited" not in show(name, tracking_uri=uri)["aliases"]
-    with pytest.raises(UserError, match="no passing audit"):
-        promote(name, version, "audited", tracking_uri=uri)
+    for alias in ("audited", "production"):
+        with pytest.raises(UserError, match="no certifying audit"):
+            promote(name, version, alias, tracking_uri=uri)
     with pytest.raises(UserError, match="sha256"):
         record_audit(name, version, _audit("f" * 64, passed=True, margin=0.0), "run-x", tracking_uri=uri)
-    assert record_audit(name, version, _audit(sha, passed=True, margin=-0.01), "run-b", tracking_uri=uri) is True
+    # inconclusive (the control had no power) and weak passing audits never certify
+    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.0, status="inconclusive", trials=200),
+                       "run-i", tracking_uri=uri)
+    assert rec["status"] == "inconclusive" and rec["audited"] is False
+    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, certifies=False, trials=500), "run-w",
+                       tracking_uri=uri)
+    assert rec["audited"] is False and "audited" not in show(name, tracking_uri=uri)["aliases"]
+    rec = record_audit(name, version, _audit(sha, passed=True, margin=-0.01), "run-b", tracking_uri=uri)
+    assert rec["audited"] is True and rec["decisive"] == "run-b"
     assert show(name, tracking_uri=uri)["aliases"] == {"candidate": str(version), "audited": str(version)}
+    # a later, weaker failing audit is recorded but does not override the stronger certifying one
+    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.3, trials=10), "run-c", tracking_uri=uri)
+    assert rec["audited"] is True and rec["overridden_by"] == "run-b"
+    tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
+    assert tags["audit_run_id"] == "run-b" and "audit/run-c" in tags
     promote(name, version, "production", tracking_uri=uri)
     promote(name, version, "audited", tracking_uri=uri)
     rows = list_models(tracking_uri=uri)

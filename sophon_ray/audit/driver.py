@@ -38,7 +38,11 @@ FORMAT = "sophon-ray/audit@1"
 MAX_FAILURES = 2  # retries of a failing trial before it counts as "failed"
 TOP_K = 3  # best recipes per ranking subject re-run with --seeds seeds
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-             "RAY_DEDUP_LOGS": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+             "RAY_DEDUP_LOGS": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+             "TUNE_DISABLE_SIGINT_HANDLER": "1"}  # Ctrl-C must stop the audit, not end it with a partial verdict
+# What an audit must be to certify a model (registry alias `audited`), besides status "passed":
+# docs/design.md explains each figure.
+MINIMUM = {"recipes": 16, "seeds": 2}
 Log = Callable[[str], None]
 
 
@@ -147,6 +151,10 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency)."""
     import ray
 
+    from sophon_ray import interrupts
+    from sophon_ray.train.driver import check_address
+
+    check_address(ray_address)  # an unreachable address is a one-line error, not a hang
     local = not ray_address and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a job: connect
     if local:
         cpus = os.cpu_count() or 1
@@ -154,11 +162,10 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
             raise UserError(f"--concurrency {concurrency} exceeds this machine's {cpus} CPUs; pass at most {cpus}")
     started = not ray.is_initialized()
     if started:  # "local": a fresh local instance even if another `ray start` head runs on this machine
-        if local:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # our own local head: no token warning
         ray.init(address=ray_address or "local", include_dashboard=False,
                  num_cpus=(os.cpu_count() if local else None), logging_level=logging.WARNING, log_to_driver=False,
                  **(ray_local.local_init_kwargs() if local else {}))
+        interrupts.install()  # ray.init replaced the SIGTERM handler
     cpus = int(ray.cluster_resources().get("CPU", 0))
     if concurrency is not None and concurrency > cpus:
         if started:
@@ -240,9 +247,13 @@ def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list
     quiet = logging.getLogger("ray.tune")
     level, quiet.level = quiet.level, logging.CRITICAL  # failures are reported by Progress, one line each
     try:
-        return tuner.fit()
+        grid = tuner.fit()
     finally:
         quiet.setLevel(level)
+    from sophon_ray import interrupts
+
+    interrupts.check()  # a signal Tune saw must end the audit without a verdict
+    return grid
 
 
 def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -265,18 +276,76 @@ def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str,
     return records
 
 
-def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float) -> dict[str, Any]:
+def strength(plan: Plan, n_explore: int, total: int, epsilon: float, min_gap: float, smoke: bool) -> dict[str, Any]:
+    """What this audit tried (audit.json "strength"), and the standard it is held to for certifying:
+    the pipeline's own (non-smoke) largest budget and the kind's default epsilon and min_gap."""
+    from pipelines import PIPELINES
+
+    kind = jobs.kind(plan.cfg)
+    std = PIPELINES[plan.cfg.name].get_config().attack.budgets if plan.cfg.name in PIPELINES else plan.cfg.attack.budgets
+    return {"mode": plan.mode, "recipes": n_explore, "trials": total, "seeds": plan.seeds,
+            "budgets": list(plan.cfg.attack.budgets), "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke),
+            "subjects": sorted(plan.subjects),
+            "standard": {"max_budget": max(std), "epsilon": kind.epsilon, "min_gap": kind.min_gap, **MINIMUM}}
+
+
+def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    """Whether an audit may certify the model (alias `audited`), and why not: status passed, and at
+    least the recorded minimum (not smoke, MINIMUM recipes and seeds, the pipeline's largest budget,
+    epsilon and min_gap no laxer than the kind's defaults)."""
+    std, problems = s["standard"], []
+    if verdict.get("status") != "passed":
+        problems.append(f"status {verdict.get('status')}, not passed")
+    if s["smoke"]:
+        problems.append("a --smoke audit")
+    if s["recipes"] < std["recipes"]:
+        problems.append(f"{s['recipes']} recipes < {std['recipes']}")
+    if s["seeds"] < std["seeds"]:
+        problems.append(f"{s['seeds']} seeds < {std['seeds']}")
+    if max(s["budgets"]) < std["max_budget"]:
+        problems.append(f"largest budget {max(s['budgets'])} < the pipeline's {std['max_budget']}")
+    if s["epsilon"] > std["epsilon"]:
+        problems.append(f"epsilon {s['epsilon']:g} > {std['epsilon']:g}")
+    if s["min_gap"] < std["min_gap"]:
+        problems.append(f"min_gap {s['min_gap']:g} < {std['min_gap']:g}")
+    return {"certifies": not problems, "problems": problems}
+
+
+def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float, min_gap: float | None = None,
+             n_explore: int | None = None, smoke: bool = False) -> dict[str, Any]:
     """The audit.json dict; planned-but-missing trials count as failed in the verdict."""
     from sophon_ray.audit.verdict import verdict, worst_case
 
     kind = jobs.kind(plan.cfg)
+    min_gap = resolve_min_gap(plan.cfg, min_gap)
     failed = sum(t["status"] != "ok" for t in trials) + max(0, expected - len(trials))
     worst = worst_case(trials, kind.goal)
+    v = verdict(worst, epsilon, kind.goal, failed_trials=failed, min_gap=min_gap)
+    s = strength(plan, n_explore if n_explore is not None else len({str(t["recipe"]) for t in trials}), expected,
+                 epsilon, min_gap, smoke)
     return {
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
         "metric": kind.metric, "attacker_goal": kind.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
-        "worst_case": worst, "verdict": verdict(worst, epsilon, kind.goal, failed_trials=failed),
+        "worst_case": worst, "verdict": v, "strength": s, "certification": certification(v, s),
     }
+
+
+def resolve_min_gap(cfg: PipelineConfig, min_gap: float | None) -> float:
+    """`min_gap` given, else the pipeline's `attack.min_gap`, else the kind's default."""
+    value = min_gap if min_gap is not None else cfg.attack.min_gap
+    return jobs.kind(cfg).min_gap if value is None else float(value)
+
+
+def check_thresholds(cfg: PipelineConfig, epsilon: float | None, min_gap: float | None) -> None:
+    """UserError for an epsilon or min_gap that is negative, not finite, or (accuracy) 1 or more."""
+    metric = jobs.kind(cfg).metric
+    for flag, value in (("--epsilon", epsilon), ("--min-gap", min_gap), ("attack.min_gap", cfg.attack.min_gap)):
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0 or (
+                metric == "accuracy" and value >= 1):
+            bound = "in [0, 1) (accuracy points, e.g. 0.02)" if metric == "accuracy" else ">= 0 (MSE, e.g. 0.005)"
+            raise UserError(f"{flag} {value!r}: must be a finite number {bound}")
 
 
 def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: Log) -> None:
@@ -287,19 +356,23 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
     goal = "highest" if audit["attacker_goal"] == "max" else "lowest"
     log(f"\nBest ({goal}) restricted test {audit['metric']} an attacker reached ({planner.n_explore} recipes + "
         f"re-runs, {wall:.0f}s):")
-    log(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4))
+    log(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4, v))
     for index, value in planner.ranking("protected")[:3]:
         log(f"  top protected recipe r{index:02d} score {value:.4g} (mean over budgets): "
             f"{recipe_label(planner.recipes[index])}")
-    margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
-    log(f"verdict: {'PASSED' if v['passed'] else 'FAILED'} (margin {margin} vs epsilon {v['epsilon']}, "
-        f"{v['failed_trials']} failed trials) -> {out / 'audit.json'}")
+    from sophon_ray.audit.verdict import headline
+
+    log(headline(v))
+    cert = audit.get("certification") or {}
+    if v.get("status") == "passed" and not cert.get("certifies"):
+        log(f"not strong enough to certify (alias audited): {'; '.join(cert.get('problems') or [])}")
+    log(f"-> {out / 'audit.json'}")
 
 
 def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
               epsilon=None, ray_address=None, log=print, callbacks=None, fault_trial=None,
               cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K,
-              samples: bool = True, judge_dir=None) -> dict:
+              samples: bool = True, judge_dir=None, min_gap=None, smoke: bool = False) -> dict:
     """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
 
     Args:
@@ -319,9 +392,15 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         samples: let the kind add to the audit (diffusion: sample grids + judge metric, see
             `jobs.audit_extras`; False writes a note instead); judge_dir: where the judge is cached
             (default `<out>/judge`).
+        min_gap: the control power a `passed` verdict needs (default: attack.min_gap, else the
+            kind's); smoke: the config is a --smoke one (recorded; such an audit never certifies).
     Returns:
         The audit.json dict.
     """
+    from sophon_ray.outputs import guard
+
+    check_thresholds(cfg, epsilon, min_gap)
+    guard(out, "audit")  # never write into a user's folder (the CLI claimed it, with --force or not)
     plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
                      fault_trial=fault_trial, log=log)
     kind = jobs.kind(plan.cfg)
@@ -347,7 +426,8 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
             f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
         start = time.perf_counter()
         grid = _tune(plan, planner, out, concurrency, list(callbacks or []), log, cpus_per_trial, gpus_per_trial)
-        audit = assemble(plan, collect(grid, planner, plan.cfg.attack.budgets), planner.total, epsilon)
+        audit = assemble(plan, collect(grid, planner, plan.cfg.attack.budgets), planner.total, epsilon, min_gap,
+                         n_explore=planner.n_explore, smoke=smoke)
         wall = time.perf_counter() - start
     finally:
         if started:

@@ -42,13 +42,25 @@ def compare(
     return trials
 
 
-def table(worst: dict[str, dict[str, float]], budgets: tuple[int, ...], digits: int = 3) -> str:
-    """A plain-text table: rows = subjects, columns = step budgets (best attacker value, `digits` decimals)."""
+def table(worst: dict[str, dict[str, float]], budgets: tuple[int, ...], digits: int = 3,
+          verdict: dict[str, Any] | None = None) -> str:
+    """A plain-text table: rows = subjects, columns = step budgets (best attacker value, `digits`
+    decimals); with a verdict, the control rows below: `gap` (source - scratch, in the attacker's
+    direction), `residual` (protected - scratch) and `removed` (1 - residual / gap)."""
     w = max(8, digits + 5)
     head = f"{'subject':10s}" + "".join(f"{b:>{w}d}" for b in budgets)
     rows = [head, "-" * len(head)]
+
+    def row(name: str, values: dict[str, Any], fmt: str) -> str:
+        cells = ("-".rjust(w) if values.get(str(b)) is None else format(values[str(b)], fmt).rjust(w) for b in budgets)
+        return f"{name:10s}" + "".join(cells)
+
     for subject in ("original", "scratch", "protected"):
         if subject in worst:
-            rows.append(f"{subject:10s}" + "".join(f"{worst[subject].get(str(b), float('nan')):{w}.{digits}f}"
-                                                   for b in budgets))
+            rows.append(row(subject, worst[subject], f".{digits}f"))
+    if verdict is not None and verdict.get("gap") is not None:
+        rows.append("-" * len(head))
+        rows.append(row("gap", verdict.get("gap") or {}, f"+.{digits}f"))
+        rows.append(row("residual", verdict.get("residual") or {}, f"+.{digits}f"))
+        rows.append(row("removed", verdict.get("removed") or {}, ".0%"))
     return "\n".join(rows)

@@ -212,12 +212,33 @@ def _fmt(audit: dict[str, Any], v: float | None) -> str:
 
 
 def _table_html(audit: dict[str, Any]) -> str:
+    """Worst case per subject and budget, then the control rows: gap (source - scratch), residual
+    (protected - scratch), removed (1 - residual / gap)."""
     budgets = audit["budgets"]
     head = "".join(f"<th>{b}</th>" for b in budgets)
     rows = "".join(
         f"<tr><td>{s}</td>" + "".join(f"<td>{_fmt(audit, c.get(str(b)))}</td>" for b in budgets) + "</tr>"
         for s, c in audit["worst_case"].items())
+    v = audit.get("verdict") or {}
+
+    def signed(x: float | None) -> str:
+        return "n/a" if x is None else ("+" if x >= 0 else "") + _fmt(audit, x)
+
+    for name, values, fmt in (("gap (control)", v.get("gap"), signed), ("residual", v.get("residual"), signed),
+                              ("removed", v.get("removed"), lambda x: "n/a" if x is None else f"{x:.0%}")):
+        if values is not None:
+            rows += (f"<tr><td><i>{name}</i></td>" + "".join(f"<td><i>{fmt(values.get(str(b)))}</i></td>" for b in budgets)
+                     + "</tr>")
     return f"<table><tr><th>subject \\ steps</th>{head}</tr>{rows}</table>"
+
+
+def _certification_html(audit: dict[str, Any]) -> str:
+    cert = audit.get("certification")
+    if not cert:
+        return ""
+    if cert.get("certifies"):
+        return "<p>Strong enough to certify (registry alias <code>audited</code>).</p>"
+    return ("<p>Not strong enough to certify: " + html.escape("; ".join(cert.get("problems") or [])) + "</p>")
 
 
 def _top_html(audit: dict[str, Any], rows: dict[str, dict[str, Any]], k: int = 10) -> str:
@@ -288,8 +309,11 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
         f"<p>pipeline <b>{html.escape(audit['pipeline'])}</b>, sha256 <code>{audit['model']['sha256'][:16]}</code>, "
         f"{len(audit['trials'])} trials, budgets {audit['budgets']}</p>"
         f"{f'<p><small>{html.escape(made)}</small></p>' if made else ''}"
-        f"<h2>Verdict: {'PASSED' if v['passed'] else 'FAILED'}</h2><p>margin {margin} vs epsilon {v['epsilon']}; "
+        f"<h2>Verdict: {html.escape(str(v.get('status') or ('passed' if v['passed'] else 'failed')).upper())}</h2>"
+        f"<p>{html.escape(v.get('reason', ''))}</p><p>margin {margin} vs epsilon {v['epsilon']}; control gap "
+        f"{'n/a' if v.get('control_gap') is None else format(v['control_gap'], '+.3f')} (min_gap {v.get('min_gap')}); "
         f"failed trials: {v['failed_trials']} {html.escape(', '.join(failed[:20]))}</p>"
+        f"{_certification_html(audit)}"
         f"<h2>Best attack (restricted test {audit['metric']}, attacker goal {audit['attacker_goal']}: "
         f"{_direction(audit)} is better for the attacker)</h2>{_table_html(audit)}"
         f"<h2>Strongest recipes against the protected model (seed 0)</h2>{_top_html(audit, rows)}"
@@ -298,6 +322,8 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
     )
     style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>sophon-ray audit</title><style>{style}</style></head><body>{body}</body></html>"
+    from sophon_ray.outputs import write_bytes_atomic
+
     path = out / "report.html"
-    path.write_text(page)
+    write_bytes_atomic(path, page.encode())
     return path

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 from sophon_ray.errors import UserError
 from sophon_ray.tracking import store
@@ -39,9 +40,9 @@ def _model_dir_in(path: Path) -> Path | None:
     return hits[0] if hits else None
 
 
-def _fetch(artifact_uri: str, uri: str, target: Path, what: str) -> Path:
-    """Download `artifact_uri` and move the model directory inside it to `target` (replaced)."""
-    import mlflow.artifacts
+def _fetch(download: Callable[[str], str], target: Path, what: str) -> Path:
+    """Download with `download(dst) -> local path` and move the model directory inside to `target`
+    (replaced)."""
     from mlflow.exceptions import MlflowException
 
     from sophon_ray.card import replace_dir
@@ -49,10 +50,10 @@ def _fetch(artifact_uri: str, uri: str, target: Path, what: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.dl-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp),
-                                                           tracking_uri=uri, registry_uri=uri))
+            got = Path(download(str(tmp)))
         except (MlflowException, OSError) as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise UserError(f"cannot download {what} ({first}); check the URI with `sophon-ray registry show`") from None
@@ -62,10 +63,28 @@ def _fetch(artifact_uri: str, uri: str, target: Path, what: str) -> Path:
         staged = tmp.with_name(tmp.name + "-model")
         shutil.rmtree(staged, ignore_errors=True)
         os.replace(found, staged)
-        replace_dir(staged, target)
+        try:
+            replace_dir(staged, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_version(client: Any, uri: str, mv: Any, dst: str) -> str:
+    """Download a registered version's files through the client bound to `uri`: from its run when
+    the version points into the run's artifacts (what sophon-ray registers), else from its source
+    location with `uri` as the tracking server. Never `models:/` resolution through MLflow's
+    global registry URI, which defaults to a `mlflow.db` in the working directory."""
+    import mlflow.artifacts
+
+    source = str(mv.source or "")
+    if mv.run_id:
+        root = client.get_run(mv.run_id).info.artifact_uri.rstrip("/")
+        if source.startswith(root + "/"):
+            return client.download_artifacts(mv.run_id, source[len(root) + 1:], dst)
+    return mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=uri)
 
 
 def _parse_runs(model_uri: str) -> tuple[str, str]:
@@ -97,7 +116,8 @@ def download_model(model_uri: str, cache_dir: str | Path | None = None, tracking
     uri, client = store.open_existing(tracking_uri)
     if model_uri.startswith("runs:/"):
         run_id, path = _parse_runs(model_uri)
-        return _fetch(model_uri, uri, root / f"run-{_safe(run_id)}-{_safe(path)}", model_uri)
+        return _fetch(lambda dst: client.download_artifacts(run_id, path, dst),
+                      root / f"run-{_safe(run_id)}-{_safe(path)}", model_uri)
     if not model_uri.startswith("models:/"):
         raise UserError(f"{model_uri!r} is not an MLflow model URI; use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
     name, alias, version = parse_ref(model_uri)
@@ -106,7 +126,8 @@ def download_model(model_uri: str, cache_dir: str | Path | None = None, tracking
     want = tags.get("weights_sha256")
     if not want:
         raise UserError(f"version {mv.version} of {name!r} has no weights_sha256 tag; only versions registered by sophon-ray can be loaded")
-    d = _fetch(f"models:/{name}/{mv.version}", uri, root / f"{_safe(name)}-v{mv.version}", f"models:/{name}/{mv.version}")
+    d = _fetch(lambda dst: _download_version(client, uri, mv, dst), root / f"{_safe(name)}-v{mv.version}",
+               f"models:/{name}/{mv.version}")
     got = sha256_file(d / WEIGHTS)
     if got != want:
         shutil.rmtree(d, ignore_errors=True)

@@ -7,9 +7,16 @@ Version tags written here:
 
 - at registration: `weights_sha256`, `card_sha256`, `source_model`, `domains` (JSON),
   `protect_run_id`, `pipeline`; the alias `candidate` moves to the new version;
-- by `record_audit`: `audit_run_id`, `audit_margin`, `audit_epsilon`, `audit_passed`
-  ("true"/"false"), `audit_sha256`; only a passing audit of exactly the version's weights
-  sets the alias `audited`, and a failing one removes `audited` from that version.
+- by `record_audit`: every audit is kept as its own tag `audit/<run id>` (compact JSON: status,
+  certifies, trials, largest budget, epsilon, margin, control gap); the summary tags
+  `audit_run_id`, `audit_status`, `audit_certifies`, `audit_margin`, `audit_epsilon`,
+  `audit_passed`, `audit_sha256` describe the *decisive* audit: the strongest one recorded
+  (certifying before not, then more trials, larger budget, smaller epsilon; the later one on a
+  tie). The alias `audited` is on the version iff its decisive audit certifies (status `passed`
+  and the recorded minimum, see `audit.driver.certification`). A weaker later audit never
+  overrides a stronger earlier one; it is recorded and `record_audit` says so.
+- `promote` sets any alias, but `audited` and `production` only on a version whose decisive
+  audit certifies its exact weights.
 
 Stages are never used. Every failure a user can fix is a one-line UserError.
 """
@@ -26,6 +33,8 @@ from sophon_ray.errors import UserError
 from sophon_ray.tracking import store
 
 CANDIDATE, AUDITED = "candidate", "audited"
+CERTIFIED_ALIASES = ("audited", "production")  # aliases that claim the model passed a strong audit
+AUDIT_TAG = "audit/"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
 
@@ -161,19 +170,49 @@ def register_protected(model_dir: str | Path, name: str, run_id: str, source: st
 
 def _passing(mv: Any) -> bool:
     tags = mv.tags or {}
-    return tags.get("audit_passed") == "true" and bool(tags.get("weights_sha256")) and tags.get("audit_sha256") == tags.get("weights_sha256")
+    return (tags.get("audit_certifies") == "true" and tags.get("audit_passed") == "true"
+            and bool(tags.get("weights_sha256")) and tags.get("audit_sha256") == tags.get("weights_sha256"))
+
+
+def _summary(audit: dict[str, Any], audit_run_id: str | None) -> dict[str, Any]:
+    v, s = audit["verdict"], audit.get("strength") or {}
+    return {"run": audit_run_id or "", "status": v.get("status") or ("passed" if v.get("passed") else "failed"),
+            "certifies": bool((audit.get("certification") or {}).get("certifies")),
+            "trials": int(s.get("trials") or len(audit.get("trials") or [])),
+            "max_budget": max(audit.get("budgets") or [0]), "epsilon": v.get("epsilon"), "margin": v.get("margin"),
+            "control_gap": v.get("control_gap"), "order": 0}
+
+
+def _strength_key(a: dict[str, Any]) -> tuple:
+    eps = a.get("epsilon")
+    return (bool(a.get("certifies")), int(a.get("trials") or 0), int(a.get("max_budget") or 0),
+            -(float(eps) if eps is not None else 1e9), int(a.get("order") or 0))
+
+
+def recorded_audits(mv: Any) -> list[dict[str, Any]]:
+    """Every audit recorded on a version (from its `audit/<run id>` tags), oldest first."""
+    out = []
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(AUDIT_TAG):
+            try:
+                out.append(json.loads(value))
+            except ValueError:
+                continue
+    return sorted(out, key=lambda a: int(a.get("order") or 0))
 
 
 def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run_id: str | None,
-                 tracking_uri: str | None = None) -> bool:
-    """Record an audit verdict on a version; a pass of exactly its weights sets alias `audited`.
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """Record an audit on a version; the alias `audited` follows the strongest audit recorded.
 
     Args:
         name, version: the registered version the audit examined.
         audit: the audit.json dict (format sophon-ray/audit@1).
-        audit_run_id: the audit's MLflow run id (tag `audit_run_id`).
+        audit_run_id: the audit's MLflow run id (tag `audit/<run id>`, `audit_run_id`).
     Returns:
-        Whether the audit passed.
+        {"status": this audit's status, "certifies": whether it could certify, "audited": whether
+        the version now holds alias `audited`, "decisive": the run id of the audit that decides,
+        "overridden_by": the stronger earlier audit's run id when this one does not decide, else None}.
     Raises:
         UserError: the version does not exist, or the audit examined other weights (sha256 differs).
     """
@@ -188,29 +227,40 @@ def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run
     if got != want:
         raise UserError(f"the audit examined weights sha256 {str(got)[:12]}, but version {mv.version} of {name!r} has "
                         f"{want[:12]}; audit models:/{name}/{mv.version} itself")
-    v = audit["verdict"]
-    passed = bool(v.get("passed"))
-    margin = v.get("margin")
-    tags = {"audit_run_id": audit_run_id or "", "audit_margin": "n/a" if margin is None else f"{float(margin):.6g}",
-            "audit_epsilon": str(v.get("epsilon")), "audit_passed": "true" if passed else "false", "audit_sha256": got}
+    earlier = recorded_audits(mv)
+    this = {**_summary(audit, audit_run_id), "order": 1 + max((int(a.get("order") or 0) for a in earlier), default=0)}
+    key = this["run"] or f"local-{this['order']}"
+    client.set_model_version_tag(name, str(mv.version), AUDIT_TAG + key, json.dumps(this, separators=(",", ":")))
+    decisive = max([*earlier, this], key=_strength_key)
+    margin = decisive.get("margin")
+    tags = {"audit_run_id": decisive["run"], "audit_status": decisive["status"],
+            "audit_certifies": "true" if decisive["certifies"] else "false",
+            "audit_margin": "n/a" if margin is None else f"{float(margin):.6g}",
+            "audit_epsilon": str(decisive.get("epsilon")), "audit_passed": "true" if decisive["status"] == "passed" else "false",
+            "audit_sha256": got}
     for k, val in tags.items():
         client.set_model_version_tag(name, str(mv.version), k, val)
-    if passed:
+    audited = bool(decisive["certifies"])
+    if audited:
         client.set_registered_model_alias(name, AUDITED, str(mv.version))
     elif _aliases(client.get_registered_model(name)).get(AUDITED) == str(mv.version):
-        client.delete_registered_model_alias(name, AUDITED)  # the latest evidence about these weights fails
-    return passed
+        client.delete_registered_model_alias(name, AUDITED)  # the strongest evidence about these weights does not certify
+    return {"status": this["status"], "certifies": this["certifies"], "audited": audited,
+            "decisive": decisive["run"], "overridden_by": None if decisive is this else decisive["run"]}
 
 
 def promote(name: str, version: int | str, alias: str, tracking_uri: str | None = None) -> None:
-    """Point `alias` at a version; `audited` only with a passing audit of that version's exact weights."""
+    """Point `alias` at a version; `audited` and `production` only where the version's decisive audit
+    certifies its exact weights."""
     if not isinstance(alias, str) or not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"[vV]\d+", alias):
         raise UserError(f"alias {alias!r} is not valid; use letters, digits, '_' or '-', not 'latest' or v<number>")
     _, client = store.open_existing(tracking_uri)
     mv = get_version(client, name, version)
-    if alias == AUDITED and not _passing(mv):
-        raise UserError(f"version {mv.version} of {name!r} has no passing audit of its weights; run "
-                        f"`sophon-ray audit PIPELINE --model models:/{name}/{mv.version}` and record it first")
+    if alias in CERTIFIED_ALIASES and not _passing(mv):
+        status = (mv.tags or {}).get("audit_status") or "none"
+        raise UserError(f"version {mv.version} of {name!r} has no certifying audit of its weights (decisive audit: {status}); "
+                        f"alias {alias!r} needs one: run `sophon-ray audit PIPELINE --model models:/{name}/{mv.version}` "
+                        "with a full suite on a benchmark whose control has power")
     client.set_registered_model_alias(name, alias, str(mv.version))
 
 
@@ -267,7 +317,8 @@ def version_rows(info: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for v in info["versions"]:
         t = v["tags"]
-        audit = {"true": "passed", "false": "FAILED"}.get(t.get("audit_passed", ""), "-")
+        audit = t.get("audit_status") or {"true": "passed", "false": "failed"}.get(t.get("audit_passed", ""), "-")
+        audit += " (certifies)" if t.get("audit_certifies") == "true" else ""
         rows.append({"version": v["version"], "aliases": " ".join(v["aliases"]) or "-",
                      "sha256": (t.get("weights_sha256") or "-")[:12], "audit": audit,
                      "margin": t.get("audit_margin", "-"), "source_model": t.get("source_model") or "-",

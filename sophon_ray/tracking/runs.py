@@ -251,19 +251,29 @@ class Tracker:
     def log_audit(self, audit: dict[str, Any], out_dir: str | Path | None = None) -> None:
         """Log an audit.json dict: verdict metrics, worst case per subject at step = budget, artifacts.
 
-        Metrics: `margin`, `epsilon`, `passed` (0/1), `failed_trials`, `trials`, and
-        `worst_<subject>_<metric>` (e.g. `worst_protected_mse`) at each budget. Tags: `audit_passed`,
+        Metrics: `margin`, `epsilon`, `passed` (0/1), `failed_trials`, `trials`, `control_gap`,
+        `min_gap`, `worst_<subject>_<metric>` (e.g. `worst_protected_mse`) and the control
+        `control_gap|residual|removed` at each budget (step = budget). Tags: `audit_status`
+        (passed | inconclusive | failed), `audit_reason`, `audit_certifies`, `audit_passed`,
         `model_sha256`, `audit_metric`, `attacker_goal`. With `out_dir`,
         its files (audit.json, report.html, PNG plots; hidden entries such as `.tune/` skipped).
         """
         v = audit.get("verdict") or {}
+        cert = audit.get("certification") or {}
         self.log_metrics({"margin": v.get("margin"), "epsilon": v.get("epsilon"), "passed": bool(v.get("passed")),
-                          "failed_trials": v.get("failed_trials"), "trials": len(audit.get("trials") or [])})
+                          "failed_trials": v.get("failed_trials"), "trials": len(audit.get("trials") or []),
+                          "control_gap": v.get("control_gap"), "min_gap": v.get("min_gap")})
         metric = audit.get("metric", "accuracy")
         for subject, curve in (audit.get("worst_case") or {}).items():
             for budget, value in sorted((curve or {}).items(), key=lambda kv: int(kv[0])):
                 self.log_metrics({f"worst_{subject}_{metric}": value}, step=int(budget))
-        self.set_tags({"audit_passed": "true" if v.get("passed") else "false",
+        for name in ("gap", "residual", "removed"):  # the control, per budget
+            for budget, value in sorted((v.get(name) or {}).items(), key=lambda kv: int(kv[0])):
+                self.log_metrics({f"control_{name}": value}, step=int(budget))
+        self.set_tags({"audit_status": str(v.get("status") or ("passed" if v.get("passed") else "failed")),
+                       "audit_reason": str(v.get("reason") or ""),
+                       "audit_certifies": "true" if cert.get("certifies") else "false",
+                       "audit_passed": "true" if v.get("passed") else "false",
                        "model_sha256": (audit.get("model") or {}).get("sha256"),
                        "audit_metric": metric, "attacker_goal": audit.get("attacker_goal", "max")})
         if out_dir is not None:

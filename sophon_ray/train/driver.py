@@ -35,7 +35,6 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_AIR_NEW_OUTPUT": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # else every report costs ~2 s (environment.md)
-    "RAY_AUTH_MODE": "disabled",
 }
 
 
@@ -80,6 +79,9 @@ def init_ray(address: str | None, verbose: bool = False, prestart: bool = True) 
         address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=verbose, configure_logging=True, **extra,
     )
+    from sophon_ray import interrupts
+
+    interrupts.install()  # ray.init replaced the SIGTERM handler with sys.exit(15)
     return True
 
 
@@ -276,6 +278,9 @@ def protect_distributed(
         finally:
             stop.set()
             tail.join()
+        from sophon_ray import interrupts
+
+        interrupts.check()  # a signal that arrived during fit ends the job without an output
         stamps["fit_end"] = time.time()
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: {result.error}")
