@@ -88,6 +88,8 @@ class ProtectConfig:
     nl_loop: int = 1  # NTR steps per outer iteration
     envs_per_step: int = 2  # E environments per FTS step
     inner_steps: int = 10  # K simulated fine-tuning steps per environment
+    query_every: int = 1  # evaluate the suppression loss after every m-th inner step (and the last); first order
+    weighting: str = "uniform"  # inner-step weights of the FTS loss: uniform | linear (step k weighs k)
     order: str = "first"  # "first" | "second"
     loss: str = "klu"  # classification: klu | ice-neg (the default ICE form) | ice-comp; diffusion: dos | mse-ascent
     query_batch: int = 64

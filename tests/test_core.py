@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sophon_ray.config import ArchSpec, ProtectConfig
+from sophon_ray.errors import UserError
 from sophon_ray.core import losses
 from sophon_ray.core.inner import (
     SGD, Adadelta, Adagrad, Adam, Environment, RMSprop, first_order_meta_grad, second_order_meta_grad,
@@ -113,6 +114,36 @@ def test_first_order_meta_grad_is_mean_of_query_grads():
     # The model itself is untouched.
     for p, q in zip(model.parameters(), tiny(norm="none").parameters()):
         assert torch.equal(p, q)
+
+
+def test_query_every_and_linear_weighting_match_the_torch_reference():
+    """K=4, query after steps 2 and 4 only, step k weighing k: (2 g_2 + 4 g_4) / 6."""
+    model = tiny(norm="none")
+    obj = ClassificationObjective(losses.ice_neg)
+    env = Environment("sgd", 0.1, 16, 4, reinit_head=False)
+    sup, qry = batches(4, 16, 2), batches(4, 8, 3)
+    params = dict(model.named_parameters())
+    grads, stats = first_order_meta_grad(model, params, env, sup, qry, obj, query_every=2, weighting="linear")
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    acc, losses_seen = [torch.zeros_like(p) for p in ref.parameters()], []
+    for k, ((xs, ys), (xq, yq)) in enumerate(zip(sup, qry), 1):
+        opt.zero_grad()
+        F.cross_entropy(ref(xs), ys).backward()
+        opt.step()
+        if k % 2 == 0:
+            loss = losses.ice_neg(ref(xq), yq)
+            gq = torch.autograd.grad(loss, list(ref.parameters()))
+            acc = [a + k * g / 6 for a, g in zip(acc, gq)]
+            losses_seen.append(k * float(loss) / 6)
+    for (name, g), a in zip(grads.items(), acc):
+        torch.testing.assert_close(g, a, atol=1e-6, rtol=1e-5, msg=name)
+    assert stats["loss"] == pytest.approx(sum(losses_seen), rel=1e-5)
+    same, _ = first_order_meta_grad(model, params, env, sup, qry, obj, query_every=1, weighting="uniform")
+    default, _ = first_order_meta_grad(model, params, env, sup, qry, obj)
+    assert all(torch.equal(a, b) for a, b in zip(same.values(), default.values()))
+    with pytest.raises(UserError):
+        first_order_meta_grad(model, params, env, sup, qry, obj, weighting="cubic")
 
 
 def test_lazy_batches_are_stable_and_give_the_same_meta_grad_as_a_list():

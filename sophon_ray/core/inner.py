@@ -305,6 +305,8 @@ def first_order_meta_grad(
     objective: Objective,
     head_keys: tuple[str, ...] = (),
     generator: torch.Generator | None = None,
+    query_every: int = 1,
+    weighting: str = "uniform",
 ) -> tuple[Params, dict[str, float]]:
     """First-order FTS meta-gradient for one environment, accumulated step by step.
 
@@ -316,11 +318,19 @@ def first_order_meta_grad(
         objective: fit / suppress functions for this model kind.
         head_keys: parameter names of the head, re-initialised when env.reinit_head.
         generator: seeds the head re-initialisation.
+        query_every: evaluate the suppression loss after every m-th inner step only (and after
+            the last): a long simulated fine-tuning (large K) at a fraction of the query cost.
+        weighting: "uniform" (the reference: every evaluated step counts the same) or "linear"
+            (step k weighs k, as TAR weights later inner steps more: what the attacker reaches
+            late matters most).
     Returns:
-        (grads, stats): mean over k of ∇ℓ(θ_k; Q_k) by name (zeros for a re-initialised head,
-        which does not depend on θ), and {"loss": mean suppression loss, "metric": metric at θ_K}.
+        (grads, stats): weighted mean over the evaluated k of ∇ℓ(θ_k; Q_k) by name (zeros for a
+        re-initialised head, which does not depend on θ), and {"loss": weighted mean suppression
+        loss, "metric": metric at θ_K}.
     """
     assert len(support) == len(query) == env.steps
+    if query_every < 1 or weighting not in ("uniform", "linear"):
+        raise UserError(f"query_every {query_every} / weighting {weighting!r}: need >= 1 and uniform|linear")
     names = list(params)
     fast = {k: v.detach().clone() for k, v in params.items()}
     if env.reinit_head:
@@ -331,26 +341,32 @@ def first_order_meta_grad(
     opt = make_inner_optimizer(env.optimizer, env.lr)
     opt_state = opt.init(trained)
     meta: list[torch.Tensor] | None = None
-    total, metric = 0.0, float("nan")
-    for s_batch, q_batch in zip(support, query):
-        g = torch.autograd.grad(objective.fit(model, state, s_batch), trained)
+    total, metric, weights = 0.0, float("nan"), 0.0
+    for k in range(1, env.steps + 1):
+        g = torch.autograd.grad(objective.fit(model, state, support[k - 1]), trained)
         with torch.no_grad():
             opt_state = opt.step_(trained, list(g), opt_state)
-        q_loss, metric = objective.suppress(model, state, q_batch)
-        gq = torch.autograd.grad(q_loss, fast_list)
-        total += float(q_loss.detach())
+        if k % query_every and k != env.steps:
+            continue
+        w = 1.0 if weighting == "uniform" else float(k)
+        q_loss, metric = objective.suppress(model, state, query[k - 1])
+        gq = list(torch.autograd.grad(q_loss, fast_list))
+        total += w * float(q_loss.detach())
+        weights += w
         with torch.no_grad():
+            if w != 1.0:
+                torch._foreach_mul_(gq, w)
             if meta is None:
                 meta = list(gq)
             else:
                 torch._foreach_add_(meta, gq)
     assert meta is not None
-    torch._foreach_div_(meta, float(env.steps))
+    torch._foreach_div_(meta, weights)
     grads = dict(zip(names, meta))
     if env.reinit_head:
         for k in head_keys:
             grads[k] = torch.zeros_like(grads[k])
-    return grads, {"loss": total / env.steps, "metric": metric}
+    return grads, {"loss": total / weights, "metric": metric}
 
 
 def second_order_meta_grad(

@@ -43,6 +43,10 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
         (cfg.guard_every >= 1, "protect.guard_every must be >= 1"),
         (0 < cfg.guard_backoff <= 1, "protect.guard_backoff must be in (0, 1]"),
         (cfg.guard_margin >= 0, "protect.guard_margin must be >= 0"),
+        (cfg.query_every >= 1, "protect.query_every must be >= 1"),
+        (cfg.weighting in ("uniform", "linear"), "protect.weighting must be uniform or linear"),
+        (cfg.order == "first" or (cfg.query_every == 1 and cfg.weighting == "uniform"),
+         "protect.query_every/weighting need protect.order=first"),
     ]
     for ok, message in checks:
         if not ok:
@@ -187,7 +191,8 @@ class Protection:
             key = (cfg.seed, it, sub, 2, e)
             sup = LazyBatches(self.support, env.batch_size, env.steps, (*key, 0), self.make_batch)
             qry = LazyBatches(self.query, cfg.query_batch, env.steps, (*key, 1), self.make_batch)
-            grads, st = self.meta_grad(self.model, params, env, sup, qry, self.objective, self.head_keys, g)
+            extra = {"query_every": cfg.query_every, "weighting": cfg.weighting} if cfg.order == "first" else {}
+            grads, st = self.meta_grad(self.model, params, env, sup, qry, self.objective, self.head_keys, g, **extra)
             torch._foreach_add_(total, list(grads.values()))
             stats += torch.tensor([st["loss"], st["metric"], 1.0])
         torch._foreach_div_(total, float(len(envs)))
