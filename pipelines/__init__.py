@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import cifar100_celeba, digits, digits_diffusion, imagenette_cifar10
+from pipelines import cifar100_celeba, digits, digits_diffusion, imagenette_cifar10, mnist, mnist_to_digits
 
 PIPELINES: dict[str, ModuleType] = {
     "digits": digits,
     "digits-diffusion": digits_diffusion,
+    "mnist": mnist,
+    "mnist-to-digits": mnist_to_digits,
     "imagenette-cifar10": imagenette_cifar10,
     "cifar100-celeba": cifar100_celeba,
 }

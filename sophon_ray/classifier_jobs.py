@@ -27,6 +27,7 @@ def load_tensors(cfg: PipelineConfig) -> Tensors:
 
     if len(cfg.restricted) != 1:
         raise UserError("this version protects against exactly one restricted domain; set restricted to a 1-tuple")
+    attacker_subset(torch.zeros(0, dtype=torch.int64), cfg.attack.train_per_class, 0)  # validate before loading
     orig, restr = load_domain(cfg.original), load_domain(cfg.restricted[0])
     if orig.num_classes != restr.num_classes:
         raise UserError(
@@ -120,13 +121,49 @@ def validate_recipe(recipe: Recipe) -> None:
                         f"strategy={'|'.join(STRATEGIES)} (e.g. --recipe strategy=initFC-all,optimizer=adam,lr=1e-3)")
 
 
+def attacker_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.Tensor:
+    """Indices of the attacker's restricted training images: at most `per_class` of each class.
+
+    Args:
+        y: (N,) int64 labels of the restricted training split (any device).
+        per_class: images kept per class (all of a class that has fewer); None keeps everything.
+        seed: seeds the draw (`attack.seed`), so every subject and trial fine-tunes on the same images.
+    Returns:
+        (M,) int64 indices into y, ascending, on y's device.
+    """
+    if per_class is None:
+        return torch.arange(len(y), device=y.device)
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise UserError(f"attack.train_per_class must be a positive integer or None, got {per_class!r}")
+    labels = y.cpu()
+    g = torch.Generator().manual_seed(int(seed))
+    keep = []
+    for c in torch.unique(labels).tolist():  # ascending classes: the draw order is fixed
+        members = torch.nonzero(labels == c).flatten()
+        keep.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    if not keep:
+        return torch.zeros(0, dtype=torch.int64, device=y.device)
+    return torch.sort(torch.cat(keep)).values.to(y.device)
+
+
+def attacker_train(cfg: PipelineConfig, t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """The restricted (x, y) the attacker fine-tunes on: `cfg.attack.train_per_class` images per
+    class of the restricted training split (all of it when None)."""
+    x, y = t.restricted_train
+    if cfg.attack.train_per_class is None:
+        return x, y
+    idx = attacker_subset(y, cfg.attack.train_per_class, cfg.attack.seed)
+    return x[idx], y[idx]
+
+
 def finetune_kwargs(cfg: PipelineConfig, t: Tensors, model: torch.nn.Module, seed: int) -> dict[str, Any]:
-    """The classification arguments of `core.attack.finetune`: restricted (x, y), restricted test
-    accuracy, the model's head (cross-entropy is finetune's default loss)."""
+    """The classification arguments of `core.attack.finetune`: the attacker's restricted (x, y)
+    (`attacker_train`), restricted test accuracy, the model's head (cross-entropy is finetune's
+    default loss)."""
     from sophon_ray.core import accuracy
 
     return {
-        "train": t.restricted_train,
+        "train": attacker_train(cfg, t),
         "evaluate": lambda m: accuracy(m, *t.restricted_test, batch_size=eval_batch(cfg)),
         "head_keys": head_keys(model),
     }

@@ -32,7 +32,7 @@ class InputSpec:
 class DomainSpec:
     """A labelled image domain by source name; `classes` selects raw labels and relabels them 0..n-1."""
 
-    source: str = "digits"  # digits | synthetic | cifar10 | cifar100 | mnist | svhn | stl10 | imagefolder | parquet
+    source: str = "digits"  # digits | mnist5k | synthetic | cifar10 | cifar100 | mnist | svhn | stl10 | imagefolder | parquet
     classes: tuple[int, ...] | None = None
     root: str | None = None
     train_split: str = "train"

@@ -20,7 +20,7 @@ def _seed():
 
 
 def test_names():
-    assert set(classifier_names()) == {"cnn-tiny", "cnn-small", "resnet18", "resnet34", "resnet50", "vgg13", "vgg13-bn"}
+    assert set(classifier_names()) == {"cnn-tiny", "cnn-small", "resnet18", "resnet34", "resnet50", "vgg13", "vgg13-bn", "resnet20"}
     assert set(diffusion_names()) == {"unet-tiny", "unet-small", "unet-paper"}
 
 

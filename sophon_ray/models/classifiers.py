@@ -5,6 +5,8 @@ Every model is a `Classifier` whose final layer is the `nn.Linear` at attribute 
 re-initialise it by name. Builders never seed: callers seed torch before building.
 
 cnn-small at 1x16x16 with 5 classes (width=32, norm="bn") has 65,509 parameters.
+resnet20 at 1 channel with 10 classes has 272,186 parameters at width=16 (He et al.'s CIFAR
+ResNet-20) and 68,642 at width=8 (any input size).
 """
 
 from __future__ import annotations
@@ -111,6 +113,44 @@ def _resnet(depth: int) -> Callable[..., tuple[nn.Module, int]]:
     return build
 
 
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus the identity, or a 1x1 conv-BN projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = _kaiming_conv(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _kaiming_conv(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(_kaiming_conv(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))  # (B, cin, H, W) -> (B, cout, H/stride, W/stride)
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _resnet20(channels: int, size: int, width: int = 16) -> tuple[nn.Module, int]:
+    """CIFAR-style ResNet-20 (He et al. 2016, 6n+2 with n=3): a 3x3 stem, three stages of three
+    basic blocks with `width`, 2*`width`, 4*`width` channels (strides 1, 2, 2), global average pool;
+    1x1 conv-BN projection shortcuts where the shape changes (the paper's option B; it used zero
+    padding, option A). width=16 is the paper's size; smaller widths trade capacity for CPU time (FLOPs ~ width^2)."""
+    _min_size("resnet20", size, 4)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise UserError(f"arch.kwargs.width must be a positive integer, got {width!r}")
+    layers: list[nn.Module] = [_kaiming_conv(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU(inplace=True)]
+    cin = width
+    for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        for block in range(3):
+            layers.append(_BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+            cin = cout
+    # (B, C, S, S) -> (B, 4w, ceil(S/4), ceil(S/4)) -> (B, 4w)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * width
+
+
 def _vgg(variant: str) -> Callable[..., tuple[nn.Module, int]]:
     def build(channels: int, size: int):
         """torchvision VGG conv stack + global average pool.
@@ -138,6 +178,7 @@ def _vgg(variant: str) -> Callable[..., tuple[nn.Module, int]]:
 _BUILDERS: dict[str, tuple[Callable[..., tuple[nn.Module, int]], tuple[str, ...]]] = {
     "cnn-tiny": (_cnn_tiny, ()),
     "cnn-small": (_cnn_small, ("width", "norm")),
+    "resnet20": (_resnet20, ("width",)),
     "resnet18": (_resnet(18), ("zero_init_residual", "cifar_stem")),
     "resnet34": (_resnet(34), ("zero_init_residual", "cifar_stem")),
     "resnet50": (_resnet(50), ("zero_init_residual", "cifar_stem")),
