@@ -20,7 +20,7 @@ attacker the whole split; `--set` cannot turn an int field back into None).
 
 Budgets run to 400 steps, long enough for training from scratch on the attacker's data to
 converge. Measured (quick-v3): the unprotected source beats scratch by +0.382 at 10 steps, +0.160
-at 25 and +0.024 at 400 (scratch 0.924 at 400); tables in docs/benchmark_mnist.md.
+at 25 and +0.024 at 400 (scratch 0.924 at 400); tables in docs/results.md.
 """
 
 from __future__ import annotations
