@@ -94,13 +94,6 @@ def replace_dir(tmp: Path, out: Path, kind: str = "model") -> None:
         old.unlink()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_model_dir(out: str | Path, model: torch.nn.Module, card: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """Write a model directory atomically.
 
@@ -115,7 +108,7 @@ def save_model_dir(out: str | Path, model: torch.nn.Module, card: dict[str, Any]
     """
     from safetensors.torch import save
 
-    from sophon_ray.outputs import guard
+    from sophon_ray.outputs import guard, write_synced
 
     out = Path(out)
     guard(out, "model")  # before the work of writing: refuse a user's folder
@@ -125,10 +118,10 @@ def save_model_dir(out: str | Path, model: torch.nn.Module, card: dict[str, Any]
     tmp.mkdir()
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        _write_synced(tmp / WEIGHTS, save(state, metadata={"format": FORMAT}))
+        write_synced(tmp / WEIGHTS, save(state, metadata={"format": FORMAT}))
         full = {"format": FORMAT, **card, "sha256": sha256_file(tmp / WEIGHTS)}
-        _write_synced(tmp / CARD, (json.dumps(full, indent=2) + "\n").encode())
-        _write_synced(tmp / METRICS, (json.dumps(metrics, indent=2) + "\n").encode())
+        write_synced(tmp / CARD, (json.dumps(full, indent=2) + "\n").encode())
+        write_synced(tmp / METRICS, (json.dumps(metrics, indent=2) + "\n").encode())
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; removed after a failure

@@ -134,15 +134,20 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def write_synced(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it (inside a temporary directory that is renamed later)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via an fsync'ed temporary sibling and a rename; the sibling is removed on failure."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import jobs, ray_local
+from sophon_ray import interrupts, jobs, ray_local
 from sophon_ray.audit.suites import recipe_label
 from sophon_ray.config import PipelineConfig
 from sophon_ray.errors import UserError
@@ -151,7 +151,6 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency)."""
     import ray
 
-    from sophon_ray import interrupts
     from sophon_ray.train.driver import check_address
 
     check_address(ray_address)  # an unreachable address is a one-line error, not a hang
@@ -250,8 +249,6 @@ def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list
         grid = tuner.fit()
     finally:
         quiet.setLevel(level)
-    from sophon_ray import interrupts
-
     interrupts.check()  # a signal Tune saw must end the audit without a verdict
     return grid
 
@@ -311,8 +308,8 @@ def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     return {"certifies": not problems, "problems": problems}
 
 
-def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float, min_gap: float | None = None,
-             n_explore: int | None = None, smoke: bool = False) -> dict[str, Any]:
+def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float, min_gap: float | None,
+             n_explore: int, smoke: bool = False) -> dict[str, Any]:
     """The audit.json dict; planned-but-missing trials count as failed in the verdict."""
     from sophon_ray.audit.verdict import verdict, worst_case
 
@@ -321,8 +318,7 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
     failed = sum(t["status"] != "ok" for t in trials) + max(0, expected - len(trials))
     worst = worst_case(trials, kind.goal)
     v = verdict(worst, epsilon, kind.goal, failed_trials=failed, min_gap=min_gap)
-    s = strength(plan, n_explore if n_explore is not None else len({str(t["recipe"]) for t in trials}), expected,
-                 epsilon, min_gap, smoke)
+    s = strength(plan, n_explore, expected, epsilon, min_gap, smoke)
     return {
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
         "metric": kind.metric, "attacker_goal": kind.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,

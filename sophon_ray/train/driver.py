@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import ray_local
+from sophon_ray import interrupts, ray_local
 from sophon_ray.card import lineage_path
 from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
@@ -79,8 +79,6 @@ def init_ray(address: str | None, verbose: bool = False, prestart: bool = True) 
         address=address, include_dashboard=False, logging_level=logging.INFO if verbose else logging.WARNING,
         log_to_driver=verbose, configure_logging=True, **extra,
     )
-    from sophon_ray import interrupts
-
     interrupts.install()  # ray.init replaced the SIGTERM handler with sys.exit(15)
     return True
 
@@ -278,8 +276,6 @@ def protect_distributed(
         finally:
             stop.set()
             tail.join()
-        from sophon_ray import interrupts
-
         interrupts.check()  # a signal that arrived during fit ends the job without an output
         stamps["fit_end"] = time.time()
         if result.checkpoint is None:
