@@ -117,6 +117,12 @@ class Recipe:
     warmup_steps: int = 20
 
 
+def recipe_label(r: Recipe) -> str:
+    """A recipe in one short line, e.g. "initFC-all adamw lr0.001 bs32 wd0.01 cosine"."""
+    extra = (f" wd{r.weight_decay:g}" if r.weight_decay else "") + (f" {r.schedule}" if r.schedule != "constant" else "")
+    return f"{r.strategy} {r.optimizer} lr{r.lr:g} bs{r.batch_size}{extra}"
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     budgets: tuple[int, ...] = (25, 50, 100, 200, 400)

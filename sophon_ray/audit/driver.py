@@ -6,10 +6,10 @@ search, each recipe on every subject) and then the seeded re-runs of the best re
 writes `<out>/audit.json` (format "sophon-ray/audit@1", atomically, last), `report.html` with
 PNG plots, and keeps Tune's own files under `<out>/.tune/<experiment>`.
 
-The metric and the attacker's goal come from the pipeline's kind (`jobs.kind`): classifiers are
+The metric and the attacker's goal come from the pipeline's task (`tasks.of(cfg).metric`): classifiers are
 audited on restricted test accuracy (the attacker maximises it), diffusion models on denoising
 MSE (the attacker minimises it; the worst case is the lowest MSE). After the trials, a kind may
-add to the audit directory (`jobs.audit_extras`: for diffusion, sample grids and the judge metric
+add to the audit directory (`Task.audit_extras`: for diffusion, sample grids and the judge metric
 in `samples.json`, which the report shows).
 
 Test-only failure injection: `fault_trial="protected-r01-s0"` makes trials whose id contains
@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import interrupts, jobs, ray_local
-from sophon_ray.audit.suites import recipe_label
+from sophon_ray import tasks
+from sophon_ray.runtime import interrupts, ray_local
+from sophon_ray.config import recipe_label
 from sophon_ray.config import PipelineConfig
 from sophon_ray.errors import UserError
 
@@ -73,13 +74,12 @@ def check_budgets(budgets: Any) -> tuple[int, ...]:
 
 def _resolve_dir(model: str) -> str:
     if str(model).startswith(("models:/", "runs:/")):
-        from sophon_ray.tracking import download_model  # lazy: the only mlflow importer
-
-        return str(download_model(str(model)))
+        raise UserError(f"{model}: resolve MLflow URIs to a directory first (sophon_ray.tracking.resolve_model); "
+                        "the sophon-ray CLI does this for you")
     return str(Path(model).resolve())  # absolute: Tune trials run in their own working directory
 
 
-def _original(cfg: PipelineConfig, card: dict[str, Any], t: jobs.Tensors, log: Log) -> str | None:
+def _original(task: tasks.Task, card: dict[str, Any], t: tasks.Tensors, log: Log) -> str | None:
     """The unprotected source model dir named by the card's lineage, if it exists and loads."""
     src = (card.get("lineage") or {}).get("source") or {}
     path = src.get("path")
@@ -87,7 +87,7 @@ def _original(cfg: PipelineConfig, card: dict[str, Any], t: jobs.Tensors, log: L
         log("audit: no loadable source model in the card's lineage: no 'original' baseline")
         return None
     try:
-        _, src_card = jobs.load_for(cfg, path, t)
+        _, src_card = task.load_for(path, t)
     except UserError as e:
         log(f"audit: source model {path} does not load ({e}): no 'original' baseline")
         return None
@@ -109,23 +109,24 @@ def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
 
 
 def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int | None, budgets: Any,
-              seeds: int, fault_trial: Any, log: Log) -> Plan:
+              seeds: int, fault_trial: Any, log: Log, model_ref: str | None = None) -> Plan:
     """Validate every input of an audit (no Ray, nothing written) and resolve the subjects.
 
     Args:
-        cfg: the pipeline config; model: the protected model dir or MLflow URI.
+        cfg: the pipeline config; model: the protected model dir; model_ref: what the user named
+            (an MLflow URI resolved to `model`), recorded as audit.json's model uri.
         suite, search, budgets, seeds, fault_trial: as in `run_audit`.
         log: progress lines.
     Returns:
         The validated Plan. Raises UserError on bad input.
     """
-    kind = jobs.kind(cfg)
+    task = tasks.of(cfg)
     budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
     if seeds is None or seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
     if search is not None and search < 1:
         raise UserError(f"--search {search}: the number of search trials must be at least 1")
-    recipes = jobs.get_suite(cfg, suite) if search is None or suite is not None else None
+    recipes = task.suite(suite) if search is None or suite is not None else None
     if search is not None and recipes is not None:  # a search that starts from the suite's recipes
         if search < len(recipes):
             raise UserError(f"--search {search} is smaller than suite {suite!r} ({len(recipes)} recipes) it starts "
@@ -133,17 +134,18 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
         from sophon_ray.audit.space import to_point
 
         for r in recipes:
-            to_point(r, jobs.kind(cfg).strategies)
+            to_point(r, task.strategies)
     cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=budgets))
-    t = jobs.load_tensors(cfg)
+    task = tasks.of(cfg)
+    t = task.load_tensors()
     model_dir = _resolve_dir(model)
-    _, card = jobs.load_for(cfg, model_dir, t)
+    _, card = task.load_for(model_dir, t)
     subjects: dict[str, str | None] = {"protected": model_dir, "scratch": None}
-    original = _original(cfg, card, t, log)
+    original = _original(task, card, t, log)
     if original:
         subjects["original"] = original
-    mode = (suite or kind.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
-    return Plan(cfg, str(model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
+    mode = (suite or task.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
+    return Plan(cfg, str(model_ref or model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
                 _parse_fault(fault_trial))
 
 
@@ -151,7 +153,7 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     """Connect to / start Ray (quietly) and check the concurrency; returns (started_here, concurrency)."""
     import ray
 
-    from sophon_ray.train.driver import check_address
+    from sophon_ray.runtime.ray_local import check_address
 
     check_address(ray_address)  # an unreachable address is a one-line error, not a hang
     local = not ray_address and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a job: connect
@@ -177,11 +179,7 @@ def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, 
     return started, concurrency or max(cpus, 1)
 
 
-def _fmt(kind: jobs.Kind, value: float) -> str:
-    return f"{value:.4f}" if kind.metric == "mse" else f"{value:.3f}"
-
-
-def _progress_callback(planner: Any, kind: jobs.Kind, log: Log):
+def _progress_callback(planner: Any, metric: tasks.Metric, log: Log):
     from ray import tune
 
     class Progress(tune.Callback):
@@ -195,10 +193,10 @@ def _progress_callback(planner: Any, kind: jobs.Kind, log: Log):
             c = trial.config
             value = (trial.last_result or {}).get("best")
             if status == "ok" and value is not None and math.isfinite(value):
-                self.best[c["subject"]] = kind.better(self.best.get(c["subject"], value), value)
-            best = " ".join(f"{s} {_fmt(kind, self.best[s])}" for s in ("protected", "scratch", "original")
+                self.best[c["subject"]] = metric.better(self.best.get(c["subject"], value), value)
+            best = " ".join(f"{s} {metric.fmt(self.best[s])}" for s in ("protected", "scratch", "original")
                             if s in self.best)
-            got = _fmt(kind, value) if status == "ok" and value is not None else status.upper()
+            got = metric.fmt(value) if status == "ok" and value is not None else status.upper()
             log(f"audit {self.done}/{planner.total} {c['id']:18s} {got:>7s} | best so far: {best} "
                 f"({time.perf_counter() - self.start:.0f}s)")
 
@@ -239,7 +237,7 @@ def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage), verbose=0,
-            callbacks=[_progress_callback(planner, jobs.kind(plan.cfg), log), *callbacks],
+            callbacks=[_progress_callback(planner, tasks.of(plan.cfg).metric, log), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
@@ -276,14 +274,14 @@ def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str,
 def strength(plan: Plan, n_explore: int, total: int, epsilon: float, min_gap: float, smoke: bool) -> dict[str, Any]:
     """What this audit tried (audit.json "strength"), and the standard it is held to for certifying:
     the pipeline's own (non-smoke) largest budget and the kind's default epsilon and min_gap."""
-    from pipelines import PIPELINES
+    from sophon_ray.pipelines import PIPELINES
 
-    kind = jobs.kind(plan.cfg)
+    task = tasks.of(plan.cfg)
     std = PIPELINES[plan.cfg.name].get_config().attack.budgets if plan.cfg.name in PIPELINES else plan.cfg.attack.budgets
     return {"mode": plan.mode, "recipes": n_explore, "trials": total, "seeds": plan.seeds,
             "budgets": list(plan.cfg.attack.budgets), "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke),
             "subjects": sorted(plan.subjects),
-            "standard": {"max_budget": max(std), "epsilon": kind.epsilon, "min_gap": kind.min_gap, **MINIMUM}}
+            "standard": {"max_budget": max(std), "epsilon": task.epsilon, "min_gap": task.min_gap, **MINIMUM}}
 
 
 def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
@@ -313,15 +311,15 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
     """The audit.json dict; planned-but-missing trials count as failed in the verdict."""
     from sophon_ray.audit.verdict import verdict, worst_case
 
-    kind = jobs.kind(plan.cfg)
+    metric = tasks.of(plan.cfg).metric
     min_gap = resolve_min_gap(plan.cfg, min_gap)
     failed = sum(t["status"] != "ok" for t in trials) + max(0, expected - len(trials))
-    worst = worst_case(trials, kind.goal)
-    v = verdict(worst, epsilon, kind.goal, failed_trials=failed, min_gap=min_gap)
+    worst = worst_case(trials, metric)
+    v = verdict(worst, epsilon, metric, failed_trials=failed, min_gap=min_gap)
     s = strength(plan, n_explore, expected, epsilon, min_gap, smoke)
     return {
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
-        "metric": kind.metric, "attacker_goal": kind.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
+        "metric": metric.name, "attacker_goal": metric.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
         "worst_case": worst, "verdict": v, "strength": s, "certification": certification(v, s),
     }
 
@@ -329,30 +327,25 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
 def resolve_min_gap(cfg: PipelineConfig, min_gap: float | None) -> float:
     """`min_gap` given, else the pipeline's `attack.min_gap`, else the kind's default."""
     value = min_gap if min_gap is not None else cfg.attack.min_gap
-    return jobs.kind(cfg).min_gap if value is None else float(value)
+    return tasks.of(cfg).min_gap if value is None else float(value)
 
 
 def check_thresholds(cfg: PipelineConfig, epsilon: float | None, min_gap: float | None) -> None:
     """UserError for an epsilon or min_gap that is negative, not finite, or (accuracy) 1 or more."""
-    metric = jobs.kind(cfg).metric
+    metric = tasks.of(cfg).metric
     for flag, value in (("--epsilon", epsilon), ("--min-gap", min_gap), ("attack.min_gap", cfg.attack.min_gap)):
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0 or (
-                metric == "accuracy" and value >= 1):
-            bound = "in [0, 1) (accuracy points, e.g. 0.02)" if metric == "accuracy" else ">= 0 (MSE, e.g. 0.005)"
-            raise UserError(f"{flag} {value!r}: must be a finite number {bound}")
+        if value is not None:
+            metric.check_threshold(flag, value)
 
 
 def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: Log) -> None:
     """The closing lines: worst-case table, top protected recipes, verdict."""
-    from sophon_ray.audit.local import table
+    from sophon_ray.audit.verdict import table
 
-    v = audit["verdict"]
-    goal = "highest" if audit["attacker_goal"] == "max" else "lowest"
-    log(f"\nBest ({goal}) restricted test {audit['metric']} an attacker reached ({planner.n_explore} recipes + "
+    v, metric = audit["verdict"], tasks.metric_named(audit["metric"])
+    log(f"\nBest ({metric.superlative}) restricted test {metric.name} an attacker reached ({planner.n_explore} recipes + "
         f"re-runs, {wall:.0f}s):")
-    log(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4, v))
+    log(table(audit["worst_case"], tuple(audit["budgets"]), metric.digits, v))
     for index, value in planner.ranking("protected")[:3]:
         log(f"  top protected recipe r{index:02d} score {value:.4g} (mean over budgets): "
             f"{recipe_label(planner.recipes[index])}")
@@ -368,11 +361,12 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
 def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
               epsilon=None, ray_address=None, log=print, callbacks=None, fault_trial=None,
               cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K,
-              samples: bool = True, judge_dir=None, min_gap=None, smoke: bool = False) -> dict:
+              samples: bool = True, judge_dir=None, min_gap=None, smoke: bool = False, model_ref=None) -> dict:
     """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
 
     Args:
-        cfg: the pipeline config; model: protected model directory or MLflow URI.
+        cfg: the pipeline config; model: protected model directory (resolve an MLflow URI with
+            `tracking.resolve_model` first and pass it as `model_ref`, recorded in audit.json).
         out: output directory (audit.json, report.html, PNGs, .tune/).
         suite: attack suite name (default: the kind's, "default-v1" or "diffusion-v1"); search: N
             Optuna trials instead; with both, the search's first suggestions are the suite's
@@ -386,7 +380,7 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         cpus_per_trial, gpus_per_trial: resources of each trial (fractions allowed).
         top_k: best recipes (by protected, and by scratch) re-run with `seeds` seeds.
         samples: let the kind add to the audit (diffusion: sample grids + judge metric, see
-            `jobs.audit_extras`; False writes a note instead); judge_dir: where the judge is cached
+            `Task.audit_extras`; False writes a note instead); judge_dir: where the judge is cached
             (default `<out>/judge`).
         min_gap: the control power a `passed` verdict needs (default: attack.min_gap, else the
             kind's); smoke: the config is a --smoke one (recorded; such an audit never certifies).
@@ -398,9 +392,9 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     check_thresholds(cfg, epsilon, min_gap)
     guard(out, "audit")  # never write into a user's folder (the CLI claimed it, with --force or not)
     plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
-                     fault_trial=fault_trial, log=log)
-    kind = jobs.kind(plan.cfg)
-    epsilon = kind.epsilon if epsilon is None else epsilon
+                     fault_trial=fault_trial, log=log, model_ref=model_ref)
+    task = tasks.of(plan.cfg)
+    epsilon = task.epsilon if epsilon is None else epsilon
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -410,14 +404,14 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     started, concurrency = _start_ray(ray_address, concurrency)
     try:
         subjects = tuple(s for s in SUBJECTS if s in plan.subjects)
-        inner = (optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search, goal=kind.goal, strategies=kind.strategies,
+        inner = (optuna_searcher(seed=plan.cfg.attack.seed, n_trials=search, metric=task.metric, strategies=task.strategies,
                                  start_from=plan.recipes or ()) if search is not None else None)
         out = Path(out)
         storage, name = experiment(plan, out)
         shutil.rmtree(storage / name, ignore_errors=True)  # a fresh run, never a silent resume
         fault = (*plan.fault, str(storage / name / ".faults")) if plan.fault else None
         planner = AuditPlanner(subjects, recipes=None if inner is not None else plan.recipes, inner=inner,
-                               n_search=search or 0, seeds=seeds, top_k=top_k, goal=kind.goal, fault=fault)
+                               n_search=search or 0, seeds=seeds, top_k=top_k, metric=task.metric, fault=fault)
         log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
             f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
         start = time.perf_counter()
@@ -429,9 +423,9 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         if started:
             ray_local.shutdown()
     from sophon_ray.audit.report import write_report
-    from sophon_ray.card import write_json_atomic
+    from sophon_ray.outputs import write_json_atomic
 
-    jobs.audit_extras(plan.cfg, audit, plan.subjects, out, log, enabled=samples, judge_dir=judge_dir)
+    task.audit_extras(audit, plan.subjects, out, log, enabled=samples, judge_dir=judge_dir)
     write_report(audit, out, search=plan.search is not None, model_dir=plan.model_dir,
                  source_dir=plan.subjects.get("original"))
     write_json_atomic(out / "audit.json", audit)

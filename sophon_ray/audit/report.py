@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sophon_ray.audit.suites import recipe_label
-from sophon_ray.config import Recipe
+from sophon_ray.config import Recipe, recipe_label
+from sophon_ray.tasks.base import ACCURACY, Metric, metric_named
 
 COLORS = {"protected": "tab:red", "scratch": "tab:gray", "original": "tab:blue"}
 
@@ -39,16 +39,15 @@ def _index(trial_id: str) -> str:
     return trial_id.rsplit("-", 2)[1]  # "protected-r07-s0" -> "r07"
 
 
+def _metric(audit: dict[str, Any] | None) -> Metric:
+    """The audit's metric (accuracy where there is no audit dict)."""
+    return metric_named(audit["metric"]) if audit else ACCURACY
+
+
 def _best(audit: dict[str, Any], values: Any) -> float | None:
     """The attacker's best of `values` (None entries = diverged are skipped)."""
     finite = [v for v in values if v is not None]
-    if not finite:
-        return None
-    return max(finite) if audit["attacker_goal"] == "max" else min(finite)
-
-
-def _direction(audit: dict[str, Any]) -> str:
-    return "higher" if audit["attacker_goal"] == "max" else "lower"
+    return _metric(audit).best(finite) if finite else None
 
 
 def _score(values: Any) -> float | None:
@@ -99,7 +98,7 @@ def plot_curves(audit: dict[str, Any], path: Path) -> str:
     ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set(xlabel="fine-tuning steps (budget)", ylabel=f"best restricted test {audit['metric']}",
-           title=f"Best attack over all recipes and seeds\n({_direction(audit)} = better for the attacker)")
+           title=f"Best attack over all recipes and seeds\n({_metric(audit).direction} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -118,9 +117,10 @@ def plot_scatter(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, A
         if pts:
             ax.scatter(*zip(*pts), marker=marker, label=strategy, alpha=0.7)
             pts_all += [v for p in pts for v in p]
-    metric, direction = (audit["metric"], _direction(audit)) if audit else ("accuracy", "higher")
-    if metric == "accuracy":
-        lo, hi = 0.0, 1.02
+    m = _metric(audit)
+    metric, direction = m.name, m.direction
+    if m.ceiling is not None:
+        lo, hi = 0.0, m.ceiling + 0.02
     else:  # MSE: fit the data, with a margin
         lo, hi = (min(pts_all, default=0.0), max(pts_all, default=1.0))
         pad = 0.05 * (hi - lo or 1.0)
@@ -139,19 +139,18 @@ def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, An
     the best value at any budget ties most recipes at the ceiling (flat on digits)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    maximise = audit is None or audit["attacker_goal"] == "max"
+    m = _metric(audit)
     for subject in ("protected", "scratch"):
-        xs, ys, best = [], [], float("-inf") if maximise else float("inf")
+        xs, ys, best = [], [], m.worst
         for n, r in enumerate(rows.values(), 1):
             if subject in r:
-                best = max(best, r[subject]) if maximise else min(best, r[subject])
+                best = m.better(best, r[subject])
                 xs.append(n)
                 ys.append(best)
         ax.step(xs, ys, where="post", label=subject, color=COLORS[subject])
-    metric = audit["metric"] if audit else "accuracy"
     ax.set(xlabel="search trial (recipe) number",
-           ylabel=f"best score so far\n(mean restricted {metric} over budgets)",
-           title=f"Adversarial search progress\n({'higher' if maximise else 'lower'} = better for the attacker)")
+           ylabel=f"best score so far\n(mean restricted {m.name} over budgets)",
+           title=f"Adversarial search progress\n({m.direction} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -190,25 +189,23 @@ def environment_line(model_dir: str | None) -> str:
             "(docs/results.md).")
 
 
-def plot_original(acc: dict[str, float], path: Path, metric: str = "accuracy") -> str:
+def plot_original(acc: dict[str, float], path: Path, metric: Metric = ACCURACY) -> str:
     """Bar of the original-domain test metric, source vs protected; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4))
     names = [k for k in ("source", "protected") if k in acc]
     bars = ax.bar(names, [acc[k] for k in names], color=[COLORS["original"], COLORS["protected"]][: len(names)])
-    ax.bar_label(bars, fmt="%.3f" if metric == "accuracy" else "%.4f")
-    if metric == "accuracy":
-        ax.set(ylim=(0, 1.05), ylabel="original-domain test accuracy (higher = better)", title="Original task kept?")
-    else:
-        ax.set(ylim=(0, 1.15 * max(acc.values(), default=1.0)),
-               ylabel=f"original-domain test {metric} (lower = better)", title="Original task kept?")
+    ax.bar_label(bars, fmt=f"%.{metric.digits}f")
+    top = 1.05 * metric.ceiling if metric.ceiling is not None else 1.15 * max(acc.values(), default=1.0)
+    ax.set(ylim=(0, top), ylabel=f"original-domain test {metric.name} ({metric.direction} = better)",
+           title="Original task kept?")
     return _save(fig, path)
 
 
 def _fmt(audit: dict[str, Any], v: float | None) -> str:
     if v is None:
         return "n/a"
-    return f"{v:.3f}" if audit["metric"] == "accuracy" else f"{v:.4f}"
+    return _metric(audit).fmt(v)
 
 
 def _table_html(audit: dict[str, Any]) -> str:
@@ -242,7 +239,7 @@ def _certification_html(audit: dict[str, Any]) -> str:
 
 
 def _top_html(audit: dict[str, Any], rows: dict[str, dict[str, Any]], k: int = 10) -> str:
-    sign = -1.0 if audit["attacker_goal"] == "max" else 1.0
+    sign = -_metric(audit).sign
     ranked = sorted((r for r in rows.values() if "protected" in r), key=lambda r: sign * r["protected"])[:k]
     body = "".join(
         f"<tr><td>{html.escape(recipe_label(Recipe(**r['recipe'])))}</td><td>{_fmt(audit, r['protected'])}</td>"
@@ -299,7 +296,7 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
         images.append(plot_search(per_recipe(audit, stat="score"), out / "search.png", audit))
     acc = original_accuracy(model_dir, source_dir, audit["metric"])
     if acc:
-        images.append(plot_original(acc, out / "original.png", audit["metric"]))
+        images.append(plot_original(acc, out / "original.png", _metric(audit)))
     v = audit["verdict"]
     failed = [t["id"] for t in audit["trials"] if t["status"] != "ok"]
     margin = "n/a" if v["margin"] is None else f"{v['margin']:+.3f}"
@@ -315,7 +312,7 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
         f"failed trials: {v['failed_trials']} {html.escape(', '.join(failed[:20]))}</p>"
         f"{_certification_html(audit)}"
         f"<h2>Best attack (restricted test {audit['metric']}, attacker goal {audit['attacker_goal']}: "
-        f"{_direction(audit)} is better for the attacker)</h2>{_table_html(audit)}"
+        f"{_metric(audit).direction} is better for the attacker)</h2>{_table_html(audit)}"
         f"<h2>Strongest recipes against the protected model (seed 0)</h2>{_top_html(audit, rows)}"
         + "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
         + _samples_html(out / "samples.json")

@@ -34,6 +34,7 @@ from ray.tune.search import Searcher
 from sophon_ray.config import Recipe
 from sophon_ray.core.attack import OPTIMIZERS, SCHEDULES, STRATEGIES
 from sophon_ray.errors import UserError
+from sophon_ray.tasks.base import ACCURACY, Metric
 
 LR_RANGE = (1e-5, 1e-1)
 BATCH_SIZES = (16, 32, 64)
@@ -108,14 +109,14 @@ def to_point(recipe: Recipe, strategies: tuple[str, ...] = STRATEGIES) -> dict[s
     return point
 
 
-def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
+def optuna_searcher(seed: int = 0, n_trials: int = 64, metric: Metric = ACCURACY,
                     strategies: tuple[str, ...] = STRATEGIES, start_from: tuple[Recipe, ...] = ()) -> Searcher:
-    """Optuna TPE over `attack_space(strategies)`, optimising the trial metric "score" towards `goal`.
+    """Optuna TPE over `attack_space(strategies)`, optimising the trial metric "score" towards `metric.goal`.
 
     Args:
         seed: sampler seed.
         n_trials: planned suggestions (sets the random start-up phase: a quarter, 4..16).
-        goal: the attacker's goal, "max" (accuracy) or "min" (diffusion MSE).
+        metric: the restricted metric; its goal ("max" accuracy, "min" diffusion MSE) is Tune's mode.
         strategies: the strategies of the model kind (classifier head strategies or UNet all/up/down).
         start_from: recipes (a suite) suggested first, in order (`points_to_evaluate`); TPE then
             learns from their results like from its own.
@@ -130,7 +131,7 @@ def optuna_searcher(seed: int = 0, n_trials: int = 64, goal: str = "max",
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
     space = OptunaSearch.convert_search_space(attack_space(strategies=strategies))
     points = [to_point(r, strategies) for r in start_from] or None
-    return OptunaSearch(space=space, metric="score", mode=goal, sampler=sampler, points_to_evaluate=points)
+    return OptunaSearch(space=space, metric="score", mode=metric.goal, sampler=sampler, points_to_evaluate=points)
 
 
 def trial_id(subject: str, index: int, seed: int) -> str:
@@ -148,16 +149,16 @@ class AuditPlanner(Searcher):
         n_search: how many recipes to ask `inner` for (search mode).
         seeds: re-run seeds per top recipe (seeds 1..S).
         top_k: how many top recipes per ranking subject are re-run.
-        goal: the attacker's goal on "score", "max" or "min" (decides what "top" means).
+        metric: the restricted metric; its goal on "score" decides what "top" means.
         fault: (substring, "once"|"always", marker dir) marks trials for injected failures
             (tests only); "once" trials leave a marker file there when they fail.
     """
 
     def __init__(self, subjects: tuple[str, ...], *, recipes: tuple[Recipe, ...] | None = None,
                  inner: Searcher | None = None, n_search: int = 0, seeds: int = 3, top_k: int = 3,
-                 goal: str = "max", fault: tuple[str, str, str] | None = None):
-        super().__init__(metric="score", mode=goal)
-        self.sign = 1.0 if goal == "max" else -1.0
+                 metric: Metric = ACCURACY, fault: tuple[str, str, str] | None = None):
+        super().__init__(metric="score", mode=metric.goal)
+        self.sign = metric.sign
         assert (recipes is None) != (inner is None), "suite XOR search"
         self.subjects, self.inner, self.seeds, self.top_k, self.fault = subjects, inner, seeds, top_k, fault
         self.recipes: list[Recipe] = list(recipes or ())

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from sophon_ray import jobs
+from sophon_ray import tasks
 from sophon_ray.config import PipelineConfig, Recipe, to_dict
 
-_TENSORS: dict[tuple[str, str], jobs.Tensors] = {}
+_TENSORS: dict[tuple[str, str], tasks.Tensors] = {}
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
@@ -52,7 +52,7 @@ def _device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-def cached_tensors(cfg: PipelineConfig, device: str = "cpu") -> jobs.Tensors:
+def cached_tensors(cfg: PipelineConfig, device: str = "cpu") -> tasks.Tensors:
     """The pipeline's tensors, loaded once per process and device.
 
     Args:
@@ -63,32 +63,32 @@ def cached_tensors(cfg: PipelineConfig, device: str = "cpu") -> jobs.Tensors:
     """
     key = (data_key(cfg), device)
     if key not in _TENSORS:
-        t = jobs.load_tensors(cfg)
+        t = tasks.of(cfg).load_tensors()
         if device != "cpu":
             moved = {f: tuple(x.to(device) for x in getattr(t, f))
                      for f in ("original_train", "original_test", "restricted_train", "restricted_test")}
-            t = jobs.Tensors(**moved, num_classes=t.num_classes, names=t.names)
+            t = tasks.Tensors(**moved, num_classes=t.num_classes, names=t.names)
         _TENSORS[key] = t
     return _TENSORS[key]
 
 
-def subject_model(cfg: PipelineConfig, path: str | None, t: jobs.Tensors, seed: int, device: str) -> torch.nn.Module:
+def subject_model(cfg: PipelineConfig, path: str | None, t: tasks.Tensors, seed: int, device: str) -> torch.nn.Module:
     """A fresh copy of the subject's model: loaded once per process, or a seeded scratch model.
 
     Args:
         cfg: the pipeline config.
         path: the model directory, or None for a scratch model.
         t: the pipeline tensors (for the class count).
-        seed: the trial seed (scratch models are seeded 10000 + seed, as in `jobs.attack`).
+        seed: the trial seed (scratch models are seeded 10000 + seed, as in `Task.attack`).
         device: where the model goes.
     Returns:
         A module the trial may modify.
     """
     if path is None:
-        return jobs.new_model(cfg, t.num_classes, 10_000 + seed).to(device)
+        return tasks.of(cfg).new_model(t.num_classes, 10_000 + seed).to(device)
     key = (str(path), device)
     if key not in _MODELS:
-        _MODELS[key] = jobs.load_for(cfg, path, t)[0].to(device)
+        _MODELS[key] = tasks.of(cfg).load_for(path, t)[0].to(device)
     return copy.deepcopy(_MODELS[key])
 
 
@@ -122,24 +122,25 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
     t = cached_tensors(cfg, device)
     seed = int(config["seed"])
     model = subject_model(cfg, subjects[config["subject"]], t, seed, device)
-    kind = jobs.kind(cfg)
+    task = tasks.of(cfg)
+    metric = task.metric
     torch.manual_seed(seed)
-    state = {"compute": 0.0, "mark": time.perf_counter(), "best": -math.inf if kind.goal == "max" else math.inf,
+    state = {"compute": 0.0, "mark": time.perf_counter(), "best": metric.worst,
              "curve": {}}
 
     def on_budget(steps: int, value: float) -> None:
         state["compute"] += time.perf_counter() - state["mark"]
         finite = math.isfinite(value)
         if finite:
-            state["best"] = kind.better(state["best"], value)
+            state["best"] = metric.better(state["best"], value)
         state["curve"][str(steps)] = value if finite else None
         values = [v for v in state["curve"].values() if v is not None]
-        score = sum(values) / len(values) if values else (-math.inf if kind.goal == "max" else math.inf)
+        score = sum(values) / len(values) if values else metric.worst
         tune.report({"steps": steps, "value": value, "best": state["best"], "score": score,
                      "curve": dict(state["curve"]), "compute_s": state["compute"]})
         state["mark"] = time.perf_counter()
 
     recipe = Recipe(**config["recipe"])
-    jobs.validate_recipe(cfg, recipe)
+    task.validate_recipe(recipe)
     finetune(model, recipe, budgets=cfg.attack.budgets, seed=seed, on_budget=on_budget,
-             **jobs.finetune_kwargs(cfg, t, model, seed))
+             **task.finetune_kwargs(t, model, seed))

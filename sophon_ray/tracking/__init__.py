@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sophon_ray.tracking.download import cache_root, download_model
+from sophon_ray.tracking.download import cache_root, download_model, resolve_model
 from sophon_ray.tracking.registry import (
     format_table,
     list_models,
@@ -63,7 +63,7 @@ from sophon_ray.tracking.store import ensure_store, resolve_uri
 
 __all__ = [
     "AuditCallback", "Tracker", "cache_root", "download_model", "ensure_store", "format_table", "list_models",
-    "promote", "record_audit", "register_protected", "resolve_uri", "run_name", "show", "version_rows",
+    "promote", "record_audit", "register_protected", "resolve_model", "resolve_uri", "run_name", "show", "version_rows",
     "versions_with_sha256",
 ]
 

@@ -32,7 +32,7 @@ def _safe(text: str) -> str:
 
 
 def _model_dir_in(path: Path) -> Path | None:
-    from sophon_ray.card import CARD, WEIGHTS
+    from sophon_ray.modeldir import CARD, WEIGHTS
 
     if (path / WEIGHTS).is_file() and (path / CARD).is_file():
         return path
@@ -45,7 +45,7 @@ def _fetch(download: Callable[[str], str], target: Path, what: str) -> Path:
     (replaced)."""
     from mlflow.exceptions import MlflowException
 
-    from sophon_ray.card import replace_dir
+    from sophon_ray.modeldir import replace_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.dl-{os.getpid()}")
@@ -109,7 +109,7 @@ def download_model(model_uri: str, cache_dir: str | Path | None = None, tracking
         UserError: unknown name/alias/version/run, unreachable store, or (registry URIs) weights
         whose sha256 differs from the version's `weights_sha256` tag.
     """
-    from sophon_ray.card import CARD, WEIGHTS, sha256_file
+    from sophon_ray.modeldir import CARD, WEIGHTS, sha256_file
     from sophon_ray.tracking.registry import get_version, parse_ref
 
     root = Path(cache_dir) if cache_dir is not None else cache_root()
@@ -139,3 +139,11 @@ def download_model(model_uri: str, cache_dir: str | Path | None = None, tracking
         raise UserError(f"models:/{name}/{mv.version}: {CARD} differs from the registered one (card_sha256); "
                         "the stored model was altered after registration: refusing to load (re-register the model)")
     return d
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """A local model directory for `ref`: an MLflow `models:/` / `runs:/` URI is downloaded (cached,
+    the weights' sha256 checked), a path is returned absolute (Tune trials run elsewhere)."""
+    if str(ref).startswith(("models:/", "runs:/")):
+        return download_model(str(ref))
+    return Path(ref).resolve()

@@ -100,7 +100,7 @@ def get_version(client: Any, name: str, version: int | str | None = None, alias:
 
 def _ensure_logged(client: Any, run_id: str, model_dir: Path, sha: str, artifact_path: str) -> None:
     """The run holds the model dir at `artifact_path` (logged now if absent; must be the same weights)."""
-    from sophon_ray.card import CARD, METRICS, WEIGHTS
+    from sophon_ray.modeldir import CARD, METRICS, WEIGHTS
 
     names = {Path(f.path).name for f in client.list_artifacts(run_id, artifact_path)}
     if WEIGHTS not in names:
@@ -133,7 +133,7 @@ def register_protected(model_dir: str | Path, name: str, run_id: str, source: st
     """
     from mlflow.exceptions import MlflowException
 
-    from sophon_ray.card import CARD, WEIGHTS, read_card, sha256_file
+    from sophon_ray.modeldir import CARD, WEIGHTS, read_card, sha256_file
 
     _check_name(name)
     d = Path(model_dir)

@@ -236,7 +236,7 @@ class Tracker:
         Returns:
             `runs:/<run_id>/<artifact_path>`, loadable with `sophon_ray.load_model`.
         """
-        from sophon_ray.card import CARD, METRICS, WEIGHTS, read_card, sha256_file
+        from sophon_ray.modeldir import CARD, METRICS, WEIGHTS, read_card, sha256_file
 
         d = Path(model_dir)
         card = read_card(d)

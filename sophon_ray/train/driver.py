@@ -18,14 +18,15 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import interrupts, ray_local
-from sophon_ray.card import lineage_path
+from sophon_ray.modeldir import lineage_path
+from sophon_ray.outputs import write_json_atomic
+from sophon_ray.runtime import interrupts, ray_local
+from sophon_ray.runtime.ray_local import check_address
 from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
 
@@ -44,20 +45,6 @@ def quiet_ray_env(verbose: bool = False) -> None:
         if verbose and k in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_AIR_NEW_OUTPUT"):
             continue
         os.environ.setdefault(k, v)
-
-
-def check_address(address: str | None) -> None:
-    """Fail fast with one line when an explicit `host:port` Ray address is unreachable."""
-    if not address or address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--ray-address {address!r}: expected host:port (e.g. 127.0.0.1:6379) or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError:
-        raise UserError(f"Ray cluster at {address} is unreachable; start it (ray start --head) or fix --ray-address") from None
 
 
 def init_ray(address: str | None, verbose: bool = False, prestart: bool = True) -> bool:
@@ -146,9 +133,9 @@ def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path) -> None:
 
 
 def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[[str], None],
-                   on_metrics: Callable[[int, dict[str, float]], None], label: str = "acc") -> None:
+                   on_metrics: Callable[[int, dict[str, float]], None], metric: Any) -> None:
     seen = 0
-    f = ".3f" if label == "acc" else ".4f"
+    label, f = metric.label, f".{metric.digits}f"
     while True:
         final = stop.is_set()  # read once more after the run ended, so no line is lost
         if path.exists():
@@ -204,18 +191,17 @@ def protect_distributed(
         The protected model directory.
     """
     stamps = {"begin": time.time()}
-    from sophon_ray import card as cardlib
-    from sophon_ray import jobs
+    from sophon_ray import modeldir, tasks
     from sophon_ray.core.protect import validate_config
 
     if workers < 1:
         raise UserError("--workers must be >= 1 for Ray Train (use --workers 0 for the in-process path)")
     validate_config(cfg.protect, cfg.kind)
     stamps["imported"] = time.time()
-    t = jobs.load_tensors(cfg)
-    source_model, src_card = jobs.load_for(cfg, source, t)
-    kind = jobs.kind(cfg)
-    source_value = jobs.original_metric(cfg, source_model, t)  # the guard's reference (accuracy or MSE)
+    task = tasks.of(cfg)
+    t = task.load_tensors()
+    source_model, src_card = task.load_for(source, t)
+    source_value = task.original_metric(source_model, t)  # the guard's reference (accuracy or MSE)
     out = Path(out)
     storage = Path(storage_path) if storage_path else out.parent / ".ray"
     storage = storage.resolve()
@@ -245,6 +231,7 @@ def protect_distributed(
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
         (run_dir / "worker_timings.json").unlink(missing_ok=True)
         (run_dir / "environment.json").unlink(missing_ok=True)
+        (run_dir / TIMINGS).unlink(missing_ok=True)
         iters = cfg.protect.iterations
         loop_config = {
             "cfg": cfg, "run_dir": str(run_dir), "source_value": source_value, "threads": cpus_per_worker,
@@ -267,7 +254,7 @@ def protect_distributed(
         log(f"protect on Ray Train: {workers} worker(s), run {name}, storage {storage}")
         stop = threading.Event()
         tail = threading.Thread(target=_tail_progress, daemon=True,
-                                args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics, kind.label))
+                                args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics, task.metric))
         tail.start()
         start = time.perf_counter()
         stamps["fit_start"] = time.time()
@@ -280,38 +267,51 @@ def protect_distributed(
         stamps["fit_end"] = time.time()
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {name} finished without a checkpoint: {result.error}")
-        model = jobs.new_model(cfg, t.num_classes, 0)
-        prot = jobs.build_protection(cfg, model, t, source_value)
+        model = task.new_model(t.num_classes, 0)
+        prot = task.build_protection(model, t, source_value)
         from sophon_ray.train.checkpoint import load_checkpoint
 
         with result.checkpoint.as_directory() as d:
             load_checkpoint(prot, Path(d))
-        final = jobs.model_metrics(cfg, model, t)
-        key = f"original_test_{kind.metric}"
+        final = task.model_metrics(model, t)
+        key = f"original_test_{task.metric.name}"
         metrics = {
             **final, f"source_{key}": source_value,
-            "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, "workers": workers,
-            "seconds": round(time.perf_counter() - start, 2), "ray_run": name,
+            "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, "workers": workers, "ray_run": name,
         }
         env_file = run_dir / "environment.json"  # rank 0's: the workers did the arithmetic, not this driver
         lineage = {"source": {"path": lineage_path(source), "sha256": src_card["sha256"]},
                    "environment": json.loads(env_file.read_text()) if env_file.exists() else None,
                    "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers},
-                   "stage_hash": jobs.protect_stage_hash(cfg, src_card["sha256"], workers)}
-        log(f"protect done: original test {kind.metric} {final[key]:.4f} (source {source_value:.4f}), "
-            f"iterations {prot.iteration}")
+                   "stage_hash": task.protect_stage_hash(src_card["sha256"], workers)}
+        log(f"protect done: original test {task.metric.name} {final[key]:.4f} (source {source_value:.4f}), "
+            f"iterations {prot.iteration} ({time.perf_counter() - start:.1f}s)")
+        saved = modeldir.save_model_dir(out, model, task.make_card(t, "protected", lineage), metrics)
         stamps["written"] = time.time()
-        metrics["timings"] = startup_timings(stamps, run_dir)
-        return cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", lineage), metrics)
+        write_json_atomic(run_dir / TIMINGS, startup_timings(stamps, run_dir))  # for benchmarks, not the model
+        return saved
     finally:
         if started:
             ray_local.shutdown()
 
 
+TIMINGS = "timings.json"  # in the Ray Train run directory: where a protection's wall time went
+
+
+def timings_of(model_dir: str | Path) -> dict[str, float]:
+    """The start-up timings of a model protected on Ray Train (`startup_timings`), read from its
+    run directory (named in the card's lineage); {} when the run directory is gone."""
+    from sophon_ray.modeldir import read_card
+
+    p = read_card(model_dir).get("lineage", {}).get("protect", {})
+    path = Path(p.get("storage", "")) / p.get("ray_run", "") / TIMINGS
+    return json.loads(path.read_text()) if p.get("ray_run") and path.is_file() else {}
+
+
 def startup_timings(stamps: dict[str, float], run_dir: Path) -> dict[str, float]:
     """Where the wall time of a Ray Train protection went, in seconds per phase.
 
-    imports: sophon-ray's jobs and torch on the driver; prepare: load data, source model and its
+    imports: sophon-ray's tasks and torch on the driver; prepare: load data, source model and its
     metric; ray_init: start/connect Ray, with Ray Train imported alongside; materialise_and_trainer: Parquet + source copy,
     TorchTrainer built; to_worker_process: fit() until rank 0's process existed (Train
     controller, placement group, worker process spawn); worker_boot: process start until the

@@ -41,13 +41,13 @@ def _allreduce_fn(device: torch.device):
 
 
 def _tensors_from_storage(cfg: Any, run_dir: Path):
-    from sophon_ray import jobs
     from sophon_ray.data import preprocess, read_parquet
+    from sophon_ray.tasks import Tensors
 
     data = {k: preprocess(read_parquet(run_dir / "data" / f"{k}.parquet"), cfg.input) for k in
             ("original_train", "original_test", "restricted_train", "restricted_test")}
     names = json.loads((run_dir / "data" / "names.json").read_text())
-    return jobs.Tensors(num_classes=names.pop("num_classes"), names=names, **data)
+    return Tensors(num_classes=names.pop("num_classes"), names=names, **data)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -55,32 +55,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint_every, threads, fault (None or {"iteration": i, "rank": r}), source_value (the
     source model's original test metric: accuracy, or MSE for diffusion).
 
-    `jobs.build_protection` dispatches on `cfg.kind`, so the same loop protects a classifier or a
+    `tasks.of(cfg).build_protection` serves every kind, so the same loop protects a classifier or a
     UNet; the reported `sim_metric` / `orig_metric` are then accuracies or MSEs."""
     entered = time.time()
     import ray.train
 
-    from sophon_ray import card as cardlib
-    from sophon_ray import jobs
+    from sophon_ray import modeldir, tasks
+    from sophon_ray.outputs import write_json_atomic
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config["threads"]))
     cfg, run_dir = config["cfg"], Path(config["run_dir"])
     t = _tensors_from_storage(cfg, run_dir)
-    model, _ = cardlib.load_model(run_dir / "source")
+    model, _ = tasks.load_model(run_dir / "source")
     device = torch.device("cpu")
-    prot = jobs.build_protection(
-        cfg, model, t, float(config["source_value"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
+    prot = tasks.of(cfg).build_protection(
+        model, t, float(config["source_value"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
     )
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             load_checkpoint(prot, Path(d))
     ready = time.time()
-    if rank == 0:  # where start-up time goes (read by the driver into metrics.json)
+    if rank == 0:  # where start-up time goes (read by the driver into the run's timings.json)
         _write_timings(run_dir, entered, ready)
-        cardlib.write_json_atomic(run_dir / "environment.json", cardlib.environment())  # -> the card's lineage
+        write_json_atomic(run_dir / "environment.json", modeldir.environment())  # -> the card's lineage
     fault = config.get("fault")
     progress = run_dir / "progress.jsonl"
     window: dict[str, list[float]] = {}

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import jobs, tracked
-from sophon_ray.card import read_card, write_json_atomic
+from sophon_ray import tasks
+from sophon_ray.app import tracked
 from sophon_ray.config import PipelineConfig, config_hash, extensions
+from sophon_ray.modeldir import read_card
+from sophon_ray.outputs import write_json_atomic
 
 Log = Callable[[str], None]
 
@@ -55,10 +57,10 @@ def run_pipeline(
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
-    kind = jobs.kind(cfg)
+    task = tasks.of(cfg)
     if search is None:
-        suite = suite or kind.run_suite  # with --search, a suite is where the search starts
-    epsilon = kind.epsilon if epsilon is None else epsilon
+        suite = suite or task.run_suite  # with --search, a suite is where the search starts
+    epsilon = task.epsilon if epsilon is None else epsilon
     from sophon_ray.audit.driver import resolve_min_gap
 
     min_gap = resolve_min_gap(cfg, min_gap)
@@ -70,7 +72,7 @@ def run_pipeline(
         t0 = time.perf_counter()
         source = root / "source"
         card = _card_or_none(source)
-        if card and card.get("lineage", {}).get("stage_hash") == jobs.source_stage_hash(cfg):
+        if card and card.get("lineage", {}).get("stage_hash") == task.source_stage_hash():
             log(f"[1/3] pretrain: {source} is up to date, skipped")
         else:
             log("[1/3] pretrain the unprotected source model")
@@ -80,7 +82,7 @@ def run_pipeline(
 
         t0 = time.perf_counter()
         protected = root / "protected"
-        stage = jobs.protect_stage_hash(cfg, source_sha, workers)
+        stage = task.protect_stage_hash(source_sha, workers)
         card = _card_or_none(protected)
         version = None
         if card and card.get("lineage", {}).get("stage_hash") == stage:
@@ -110,7 +112,7 @@ def run_pipeline(
         times["audit"] = time.perf_counter() - t0
     finally:
         if ray_started:
-            from sophon_ray import ray_local
+            from sophon_ray.runtime import ray_local
 
             ray_local.shutdown()
     metrics = json.loads((protected / "metrics.json").read_text())

@@ -18,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from sophon_ray import jobs
-from sophon_ray.card import read_card
+from sophon_ray import tasks
 from sophon_ray.config import PipelineConfig, to_dict
+from sophon_ray.modeldir import read_card
 
 Log = Callable[[str], None]
 
@@ -29,26 +29,22 @@ def default_model_name(cfg: PipelineConfig) -> str:
     return f"sophon-{cfg.name}"
 
 
-def named_metrics(cfg: PipelineConfig, m: dict[str, float]) -> dict[str, float]:
-    """Protection metrics with the generic `*_metric` keys renamed after the kind's metric."""
-    metric = jobs.kind(cfg).metric
-    return {(k[: -len("metric")] + metric if k.endswith("_metric") else k): v for k, v in m.items()}
-
-
 def pretrain(cfg: PipelineConfig, out: Path, log: Log) -> Path:
     from sophon_ray import tracking
 
     tracking.ensure_store()
     with tracking.Tracker.start("pretrain", cfg.name, to_dict(cfg)) as run:
-        d = jobs.pretrain(cfg, out, log=log, on_metrics=lambda step, m: run.log_metrics(m, step))
+        d = tasks.of(cfg).pretrain(out, log=log, on_metrics=lambda step, m: run.log_metrics(m, step))
         run.log_metrics(_final_metrics(d))
         run.log_model_dir(d)
     return d
 
 
 def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name: str | None = None,
-            workers: int = 0, **distributed: Any) -> tuple[Path, int]:
-    """Protect (in-process when `workers == 0`, else on Ray Train), log, register as `candidate`.
+            workers: int = 0, source_ref: str | None = None, **distributed: Any) -> tuple[Path, int]:
+    """Protect the local model directory `source` (in-process when `workers == 0`, else on Ray
+    Train), log, register as `candidate`; `source_ref` is what the user named (an MLflow URI the
+    CLI resolved to `source`), recorded as the run's tag.
 
     Returns:
         (protected model directory, registered version).
@@ -56,20 +52,21 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
     from sophon_ray import tracking
 
     tracking.ensure_store()
-    options = {"workers": workers, "source": str(source)}
+    task = tasks.of(cfg)
+    options = {"workers": workers, "source": str(source_ref or source)}
     with tracking.Tracker.start("protect", cfg.name, {**to_dict(cfg), "run": options},
-                                tags={"source_model": str(source)}) as run:
-        record = lambda step, m: run.log_metrics(named_metrics(cfg, m), step)  # noqa: E731
+                                tags={"source_model": str(source_ref or source)}) as run:
+        record = lambda step, m: run.log_metrics(task.named_metrics(m), step)  # noqa: E731
         if workers > 0:
             from sophon_ray.train.driver import protect_distributed
 
             d = protect_distributed(cfg, source, out, workers=workers, log=log, on_metrics=record, **distributed)
         else:
-            d = jobs.protect(cfg, source, out, log=log, on_metrics=record)
+            d = task.protect(source, out, log=log, on_metrics=record)
         run.log_metrics(_final_metrics(d))
         run.log_model_dir(d)
         card = read_card(d)
-        version = tracking.register_protected(d, model_name or default_model_name(cfg), run.run_id, source=str(source),
+        version = tracking.register_protected(d, model_name or default_model_name(cfg), run.run_id, source=str(source_ref or source),
                                               domains=card.get("domains"))
         run.set_tags({"registered_model": model_name or default_model_name(cfg), "registered_version": version})
     log(f"registered {model_name or default_model_name(cfg)} version {version} (alias candidate)")
@@ -77,16 +74,19 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
 
 
 def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: str | None = None,
-          version: int | None = None, **options: Any) -> dict[str, Any]:
-    """Run the Ray Tune audit as one parent MLflow run with one child run per trial, then record
-    the verdict on the registered version holding these exact weights (when there is one)."""
+          version: int | None = None, model_ref: str | None = None, **options: Any) -> dict[str, Any]:
+    """Run the Ray Tune audit of the local model directory `model` as one parent MLflow run with
+    one child run per trial, then record the verdict on the registered version holding these
+    exact weights (when there is one); `model_ref` is what the user named (e.g. `models:/...`)."""
     from sophon_ray import tracking
     from sophon_ray.audit.driver import run_audit
 
     uri = tracking.ensure_store()
-    with tracking.Tracker.start("audit", cfg.name, {**to_dict(cfg), "run": {"model": str(model), **_plain(options)}},
-                                tags={"audited_model": str(model)}) as run:
-        result = run_audit(cfg, model, out=out, log=log, callbacks=[tracking.AuditCallback(run.run_id, uri)], **options)
+    ref = str(model_ref or model)
+    with tracking.Tracker.start("audit", cfg.name, {**to_dict(cfg), "run": {"model": ref, **_plain(options)}},
+                                tags={"audited_model": ref}) as run:
+        result = run_audit(cfg, model, out=out, log=log, callbacks=[tracking.AuditCallback(run.run_id, uri)],
+                           model_ref=ref, **options)
         run.log_audit(result, out)
         run.log_metrics(_samples_metrics(Path(out)))
         targets = tracking.versions_with_sha256(result["model"]["sha256"])

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -63,13 +63,6 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu_name(),
         "machine": platform.machine(),
     }
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` via an fsync'ed temporary file and a rename."""
-    from sophon_ray.outputs import write_json_atomic as write
-
-    write(path, obj)
 
 
 def replace_dir(tmp: Path, out: Path, kind: str = "model") -> None:
@@ -169,19 +162,17 @@ def load_state(path: str | Path, card: dict[str, Any]) -> dict[str, torch.Tensor
         raise UserError(f"{weights} cannot be read as safetensors ({e}); re-create the model") from None
 
 
-def load_model(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a model directory (or an MLflow `models:/` / `runs:/` URI) as (module, card).
+def load_model(source: str | Path, build: Callable[[dict[str, Any]], torch.nn.Module]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a local model directory as (module, card); `build(card)` makes the untrained module
+    (`sophon_ray.tasks.build_module` picks it by the card's kind). MLflow URIs are resolved to a
+    directory by `sophon_ray.tracking.resolve_model` first (`sophon_ray.load_model` does both).
 
     The sha256 of the weights is checked against the card and a mismatch is refused.
     """
     src = str(source)
-    if src.startswith(("models:/", "runs:/")):
-        from sophon_ray.tracking import download_model  # lazy: the only mlflow importer
-
-        src = str(download_model(src))
     card = read_card(src)
     state = load_state(src, card)
-    module = build_from_card(card)
+    module = build(card)
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches: the card's arch is not the one the weights were made with
@@ -195,17 +186,3 @@ def load_model(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         )
     module.eval()
     return module, card
-
-
-def build_from_card(card: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the (untrained) module a card describes."""
-    from sophon_ray.config import ArchSpec
-    from sophon_ray.models import build_classifier, build_diffusion
-
-    arch = ArchSpec(name=card["arch"]["name"], kwargs=dict(card["arch"].get("kwargs", {})))
-    inp = card["input"]
-    if card["kind"] == "classifier":
-        return build_classifier(arch, int(card["num_classes"]), int(inp["channels"]), int(inp["size"]))
-    if card["kind"] == "diffusion":
-        return build_diffusion(arch, int(inp["channels"]), int(inp["size"]))[0]
-    raise UserError(f"unknown model kind {card['kind']!r} in the card; expected classifier or diffusion")

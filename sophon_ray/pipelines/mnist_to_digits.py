@@ -23,7 +23,7 @@ at 10 steps, +0.211 at 25 and +0.039 at 400 (scratch 0.925 at 400); docs/results
 
 from __future__ import annotations
 
-from pipelines.mnist import mnist_config
+from sophon_ray.pipelines.mnist import mnist_config
 from sophon_ray.config import DomainSpec, PipelineConfig
 
 TRAIN_PER_CLASS = 10

@@ -2,8 +2,8 @@
 
 `sample_report` fine-tunes every audit subject with one recipe (the strongest against the
 protected model, after a diffusion audit) and draws samples before and after; a judge classifier
-(`diffusion.judge`, trained once and cached) labels them. The functions are re-exported by
-`sophon_ray.diffusion_jobs`, which this module uses lazily (inside functions) to avoid a cycle.
+(`diffusion.judge`, trained once and cached) labels them. The functions take the pipeline's
+`DiffusionTask`.
 """
 
 from __future__ import annotations
@@ -13,26 +13,28 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from sophon_ray import card as cardlib
-from sophon_ray import jobs
+from sophon_ray import tasks
 from sophon_ray.config import PipelineConfig, Recipe
 from sophon_ray.errors import UserError
+from sophon_ray.outputs import write_json_atomic
+
+if TYPE_CHECKING:
+    from sophon_ray.tasks.diffusion import DiffusionTask
 
 Log = Callable[[str], None]
 
 
-def generate(cfg: PipelineConfig, model: torch.nn.Module) -> torch.Tensor:
+def generate(task: DiffusionTask, model: torch.nn.Module) -> torch.Tensor:
     """`diffusion.samples` DDPM samples (fixed seed, `diffusion.sample_steps` steps), (n, C, S, S)."""
-    from sophon_ray import diffusion_jobs as dj
     from sophon_ray.core.diffusion import sample
 
-    s = dj.settings(cfg)
+    s, cfg = task.settings, task.cfg
     shape = (cfg.input.channels, cfg.input.size, cfg.input.size)
-    return sample(model, dj.scheduler(cfg), s.samples, shape, s.sample_steps, s.sample_seed)
+    return sample(model, task.scheduler(), s.samples, shape, s.sample_steps, s.sample_seed)
 
 
 def save_grid(cfg: PipelineConfig, images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 2) -> Path:
@@ -55,38 +57,37 @@ def judge(judge_cfg: PipelineConfig, out: str | Path, log: Log = print) -> torch
     """The judge classifier of a pipeline (a classification config), trained once and cached in `out`
     (retrained when the cached model was made from a different judge config)."""
     out = Path(out)
+    judge_task = tasks.of(judge_cfg)
     try:
-        model, card = cardlib.load_model(out)
-        if card.get("lineage", {}).get("stage_hash") == jobs.source_stage_hash(judge_cfg):
+        model, card = tasks.load_model(out)
+        if card.get("lineage", {}).get("stage_hash") == judge_task.source_stage_hash():
             return model
     except UserError:
         pass
     log(f"training the judge classifier into {out}")
-    return cardlib.load_model(jobs.pretrain(judge_cfg, out, log=log))[0]
+    return tasks.load_model(judge_task.pretrain(out, log=log))[0]
 
 
-def recognised(cfg: PipelineConfig, judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...]) -> float:
+def recognised(judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...]) -> float:
     """Fraction of `samples` the judge labels as one of `classes` (e.g. the restricted digits)."""
     from sophon_ray.core.diffusion import class_fraction
 
     return class_fraction(judge_model, samples, classes)
 
 
-def _judge_for(cfg: PipelineConfig, judge_dir: Path, log: Log) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
-    from sophon_ray import diffusion_jobs as dj
-
-    s = dj.settings(cfg)
+def _judge_for(task: DiffusionTask, judge_dir: Path, log: Log) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
+    s = task.settings
     if s.judge is None:
         return None, None
-    dj.check_inputs(cfg)
-    model = judge(dataclasses.replace(s.judge, input=cfg.input), judge_dir, log)  # judges what the UNet draws
+    task.check()
+    model = judge(dataclasses.replace(s.judge, input=task.cfg.input), judge_dir, log)  # judges what the UNet draws
     acc = json.loads((judge_dir / "metrics.json").read_text()).get("original_test_accuracy")
     return model, {"dir": str(judge_dir), "test_accuracy": acc, "classes": list(s.judge_classes)}
 
 
 def sample_report(
-    cfg: PipelineConfig, subjects: dict[str, str | Path | None], out: str | Path, recipe: Recipe,
-    steps: int | None = None, judge_dir: str | Path | None = None, log: Log = print, t: jobs.Tensors | None = None,
+    task: DiffusionTask, subjects: dict[str, str | Path | None], out: str | Path, recipe: Recipe,
+    steps: int | None = None, judge_dir: str | Path | None = None, log: Log = print, t: tasks.Tensors | None = None,
 ) -> dict[str, Any]:
     """Sample grids and the judge metric before and after a real attack, written to `out/samples.json`.
 
@@ -100,33 +101,31 @@ def sample_report(
         The samples.json dict: recipe, steps, judge, and per subject {"before"|"after": {"grid",
         "recognised"}, "restricted_test_mse"}.
     """
-    from sophon_ray import diffusion_jobs as dj
-    from sophon_ray.card import write_json_atomic
-
-    s = dj.settings(cfg)
+    cfg, s = task.cfg, task.settings
     if s.samples < 1 or s.sample_steps < 1:
         raise UserError("diffusion.samples and diffusion.sample_steps must be >= 1 to draw sample grids")
-    dj.validate_recipe(recipe)
+    task.validate_recipe(recipe)
     out = Path(out)
-    t = t or dj.load_tensors(cfg)
+    t = t or task.load_tensors()
     out.mkdir(parents=True, exist_ok=True)
     steps = int(steps or max(cfg.attack.budgets))
     run_cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=(steps,)))
-    judge_model, judge_info = _judge_for(cfg, Path(judge_dir) if judge_dir else out / "judge", log)
+    run_task = type(task)(run_cfg)
+    judge_model, judge_info = _judge_for(task, Path(judge_dir) if judge_dir else out / "judge", log)
     start = time.perf_counter()
 
     def draw(model: torch.nn.Module, name: str) -> dict[str, Any]:
-        images = generate(cfg, model)  # (n, C, S, S)
+        images = generate(task, model)  # (n, C, S, S)
         grid = save_grid(cfg, images, out / f"samples-{name}.png").name
-        frac = recognised(cfg, judge_model, images, s.judge_classes) if judge_model is not None else None
+        frac = recognised(judge_model, images, s.judge_classes) if judge_model is not None else None
         return {"grid": grid, "recognised": frac}
 
     rows: dict[str, Any] = {}
     for name, src in subjects.items():
         row: dict[str, Any] = {}
         if src is not None:
-            row["before"] = draw(dj.load_for(cfg, src, t)[0], f"{name}-before")
-        res = dj.attack_run(run_cfg, src, recipe, seed=0, t=t, track_original=False)
+            row["before"] = draw(task.load_for(src, t)[0], f"{name}-before")
+        res = run_task.attack_run(src, recipe, seed=0, t=t, track_original=False)
         row["after"] = draw(res.model, f"{name}-after")
         value = res.restricted[steps]
         row["restricted_test_mse"] = value if math.isfinite(value) else None

@@ -1,4 +1,4 @@
-"""Named, versioned attack suites: fixed lists of recipes for reproducible audits.
+"""Named, versioned classifier attack suites: fixed lists of recipes for reproducible audits.
 
 A suite name carries its version (`quick-v1`); changing a suite means adding a new name, so an
 old audit can always be re-run with the recipes it used.
@@ -115,8 +115,3 @@ def get_suite(name: str) -> tuple[Recipe, ...]:
     if name not in SUITES:
         raise UserError(f"unknown attack suite {name!r}; use one of: {', '.join(SUITES)}")
     return SUITES[name]
-
-
-def recipe_label(r: Recipe) -> str:
-    extra = (f" wd{r.weight_decay:g}" if r.weight_decay else "") + (f" {r.schedule}" if r.schedule != "constant" else "")
-    return f"{r.strategy} {r.optimizer} lr{r.lr:g} bs{r.batch_size}{extra}"

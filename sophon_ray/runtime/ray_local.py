@@ -26,6 +26,8 @@ import os
 import socket
 from typing import Any
 
+from sophon_ray.errors import UserError
+
 _ENV = "RAY_API_SERVER_ADDRESS"
 LOOPBACK = "127.0.0.1"
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a local node on the loopback address
@@ -109,3 +111,17 @@ def shutdown() -> None:
     if _ours["value"] is not None and os.environ.get(_ENV) == _ours["value"]:
         del os.environ[_ENV]
     _ours["value"] = None
+
+
+def check_address(address: str | None) -> None:
+    """Fail fast with one line when an explicit `host:port` Ray address is unreachable."""
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r}: expected host:port (e.g. 127.0.0.1:6379) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError:
+        raise UserError(f"Ray cluster at {address} is unreachable; start it (ray start --head) or fix --ray-address") from None

@@ -1,4 +1,4 @@
-"""`sophon-ray` console script: thin subcommands over `sophon_ray.jobs` and the layers.
+"""`sophon-ray` console script: thin subcommands over the tasks (`sophon_ray.tasks`) and the layers.
 
 Exit codes: 0 success, 1 the work ran and failed (e.g. a failed verdict with --strict),
 2 bad input (one line on stderr naming what to fix).
@@ -19,6 +19,14 @@ from sophon_ray.errors import UserError
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _model(ref: str) -> str:
+    """A local model directory for a CLI model argument (MLflow `models:/` / `runs:/` URIs are
+    downloaded through `tracking.resolve_model`; paths are made absolute)."""
+    from sophon_ray.tracking import resolve_model
+
+    return str(resolve_model(ref))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -50,7 +58,7 @@ def _out(args: argparse.Namespace, stage: str, kind: str = "model") -> Path:
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
-    from pipelines import PIPELINES
+    from sophon_ray.pipelines import PIPELINES
 
     for name, mod in PIPELINES.items():
         print(f"{name:20s} {mod.get_config().description}")
@@ -58,18 +66,20 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs, tracked
+    from sophon_ray import tasks
+    from sophon_ray.app import tracked
 
-    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
     out = tracked.pretrain(cfg, _out(args, "source"), log=_log)
     print(out)
     return 0
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs, tracked
+    from sophon_ray import tasks
+    from sophon_ray.app import tracked
 
-    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
     if args.workers < 0:
         raise UserError("--workers must be >= 0 (0 = in-process)")
     workers = 0 if args.local else args.workers
@@ -84,23 +94,24 @@ def cmd_protect(args: argparse.Namespace) -> int:
         extra = dict(gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                      ray_address=args.ray_address, storage_path=args.storage_path, resume=args.resume,
                      verbose=args.verbose)
-    out, _ = tracked.protect(cfg, args.source, _out(args, "protected"), log=_log, model_name=args.model_name,
-                             workers=workers, **extra)
+    out, _ = tracked.protect(cfg, _model(args.source), _out(args, "protected"), log=_log, model_name=args.model_name,
+                             workers=workers, source_ref=args.source, **extra)
     print(out)
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs
-    from sophon_ray.card import write_json_atomic
+    from sophon_ray import tasks
+    from sophon_ray.outputs import write_json_atomic
 
-    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    recipe = parse_recipe(args.recipe) if args.recipe else jobs.kind(cfg).default_recipe
-    jobs.validate_recipe(cfg, recipe)
-    model = None if args.model == "scratch" else args.model
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    task = tasks.of(cfg)
+    recipe = parse_recipe(args.recipe) if args.recipe else task.default_recipe
+    task.validate_recipe(recipe)
     out = _out(args, "attack", "attack") if args.out else None
-    curve = jobs.attack(cfg, model, recipe, seed=args.seed)
-    metric = jobs.kind(cfg).metric
+    model = None if args.model == "scratch" else _model(args.model)
+    curve = task.attack(model, recipe, seed=args.seed)
+    metric = task.metric.name
     result = {"model": args.model, "recipe": dataclasses.asdict(recipe), "seed": args.seed, "metric": metric,
               "curve": {str(k): v for k, v in curve.items()}}
     if out is not None:
@@ -122,35 +133,34 @@ def _budgets(text: str | None) -> tuple[int, ...] | None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs, tracked
-
+    from sophon_ray import tasks
+    from sophon_ray.app import tracked
     from sophon_ray.audit.driver import check_thresholds
     from sophon_ray.outputs import claim
 
-    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
     check_thresholds(cfg, args.epsilon, args.min_gap)
     out = _out(args, "audit", "audit")
     judge = claim(args.judge, "model", force=args.force, flag="--judge") if args.judge else out / "judge"
     result = tracked.audit(
-        cfg, args.model, out, _log, suite=args.suite, search=args.search,
+        cfg, _model(args.model), out, _log, suite=args.suite, search=args.search,
         budgets=_budgets(args.budgets), concurrency=args.concurrency, seeds=args.seeds,
         epsilon=args.epsilon, min_gap=args.min_gap, ray_address=args.ray_address, samples=not args.no_samples,
-        judge_dir=str(judge), smoke=args.smoke,
+        judge_dir=str(judge), smoke=args.smoke, model_ref=args.model,
     )
     return 1 if args.strict and not result["verdict"]["passed"] else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sophon_ray import jobs
-    from sophon_ray.audit.local import table
-    from sophon_ray.tracking import resolve_uri
-    from sophon_ray.workflow import run_pipeline
-
+    from sophon_ray import tasks
+    from sophon_ray.app.workflow import run_pipeline
     from sophon_ray.audit.driver import check_thresholds
+    from sophon_ray.audit.verdict import headline, table
     from sophon_ray.outputs import claim
+    from sophon_ray.tracking import resolve_uri
 
-    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    kind = jobs.kind(cfg)
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    task = tasks.of(cfg)
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be >= 0 (0 = in-process)")
     check_thresholds(cfg, args.epsilon, args.min_gap)
@@ -159,19 +169,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         claim(root / stage, sub_kind, force=args.force)
     summary = run_pipeline(
         cfg, root, workers=args.workers, search=args.search, min_gap=args.min_gap, smoke=args.smoke,
-        suite=args.suite or (None if args.search else kind.smoke_suite if args.smoke else kind.run_suite),
+        suite=args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, log=_log, samples=not args.no_samples,
     )
     audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
-    goal = "highest" if audit["attacker_goal"] == "max" else "lowest"
-    print(f"\nBest ({goal}) restricted test {audit['metric']} an attacker reached (worst case over all recipes):")
-    print(table(audit["worst_case"], tuple(audit["budgets"]), 3 if audit["metric"] == "accuracy" else 4, v))
-    key = f"original_test_{kind.metric}"
-    print(f"\noriginal-domain test {kind.metric}: source {metrics[f'source_{key}']:.4f}, protected {metrics[key]:.4f}")
-    from sophon_ray.audit.verdict import headline
-
+    m = task.metric
+    print(f"\nBest ({m.superlative}) restricted test {m.name} an attacker reached (worst case over all recipes):")
+    print(table(audit["worst_case"], tuple(audit["budgets"]), m.digits, v))
+    key = f"original_test_{m.name}"
+    print(f"\noriginal-domain test {m.name}: source {metrics[f'source_{key}']:.4f}, protected {metrics[key]:.4f}")
     print(headline(v))
     if v.get("status") == "inconclusive" and cfg.name == "digits":
         print("  a benchmark where pre-training matters: sophon-ray run mnist-to-digits (docs/results.md)")
@@ -189,33 +197,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_samples(args: argparse.Namespace) -> int:
     """Sample grids and the judge metric of a diffusion model before/after an attack (samples.json)."""
-    from sophon_ray import jobs
-    from sophon_ray.card import read_card
+    from sophon_ray import tasks
+    from sophon_ray.modeldir import read_card
 
-    cfg = jobs.get_pipeline(args.pipeline, args.smoke, args.overrides)
-    if cfg.kind != "diffusion":
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    task = tasks.of(cfg)
+    if not task.has_samples:
         raise UserError(f"samples needs a diffusion pipeline; {cfg.name!r} is a {cfg.kind} (try digits-diffusion)")
-    from sophon_ray import diffusion_jobs as dj
+    from sophon_ray.tasks.diffusion.samples import sample_report, strongest_recipe
 
-    recipe = parse_recipe(args.recipe) if args.recipe else jobs.kind(cfg).default_recipe
+    recipe = parse_recipe(args.recipe) if args.recipe else task.default_recipe
     if args.audit:
         path = Path(args.audit)
         if not path.is_file():
             raise UserError(f"--audit {path}: no such file; pass the audit.json of a diffusion audit")
-        recipe = dj.strongest_recipe(json.loads(path.read_text())) or recipe
-    subjects: dict[str, Any] = {"protected": args.model, "scratch": None}
+        recipe = strongest_recipe(json.loads(path.read_text())) or recipe
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: need at least 1 attack step")
-    uri = args.model.startswith(("models:/", "runs:/"))
-    src = None if uri else ((read_card(args.model).get("lineage") or {}).get("source") or {}).get("path")
+    model = _model(args.model)
+    subjects: dict[str, Any] = {"protected": model, "scratch": None}
+    src = ((read_card(model).get("lineage") or {}).get("source") or {}).get("path")
     if src and Path(src).is_dir():
         subjects["original"] = src
     from sophon_ray.outputs import claim
 
     out = _out(args, "samples", "samples")
     judge = claim(args.judge, "model", force=args.force, flag="--judge") if args.judge else out / "judge"
-    result = dj.sample_report(cfg, subjects, out, recipe, steps=args.steps, judge_dir=judge,
-                              log=_log)
+    result = sample_report(task, subjects, out, recipe, steps=args.steps, judge_dir=judge, log=_log)
     for name, row in result["subjects"].items():
         rec = {w: row[w]["recognised"] for w in ("before", "after") if w in row}
         print(f"{name:10s} restricted MSE after {result['steps']} steps {row['restricted_test_mse']}, recognised {rec}")
@@ -335,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sophon_ray import interrupts, ray_local
+    from sophon_ray.runtime import interrupts, ray_local
 
     interrupts.install()  # Ctrl-C / SIGTERM: stop cleanly, exit 130 / 143, write no verdict
     parser = build_parser()

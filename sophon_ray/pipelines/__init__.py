@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import cifar100_celeba, digits, digits_diffusion, imagenette_cifar10, mnist, mnist_to_digits
+from sophon_ray.pipelines import cifar100_celeba, digits, digits_diffusion, imagenette_cifar10, mnist, mnist_to_digits
 
 PIPELINES: dict[str, ModuleType] = {
     "digits": digits,

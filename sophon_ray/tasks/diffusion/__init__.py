@@ -1,0 +1,263 @@
+"""The diffusion task (kind="diffusion"): pretrain, protect and attack a DDPM UNet.
+
+Same model directories, engine, guard and Ray Train path as classifiers, with the ε-prediction
+objective of `core.diffusion`; the restricted-domain metric is the denoising MSE on held-out
+images over a fixed timestep grid with fixed noise (lower = better for the attacker), measured
+for the original domain too. Sample grids and the judge metric live in `tasks.diffusion.samples`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sophon_ray import modeldir
+from sophon_ray.config import DiffusionConfig, Recipe, to_dict
+from sophon_ray.errors import UserError
+from sophon_ray.tasks.base import MSE, Log, Metrics, Task, Tensors, no_metrics
+from sophon_ray.tasks.diffusion.suites import SUITES_DIFFUSION
+
+
+@dataclass
+class AttackResult:
+    """One real fine-tuning run: restricted and original test MSE per budget, the final model."""
+
+    restricted: dict[int, float]
+    original: dict[int, float]
+    model: torch.nn.Module
+
+
+class DiffusionTask(Task):
+    kind = "diffusion"
+    metric = MSE
+    audit_suite, run_suite, smoke_suite = "diffusion-v1", "diffusion-v1", "diffusion-test-v1"
+    epsilon, min_gap = 0.005, 0.025
+    strategies = ("all", "up", "down")
+    default_recipe = Recipe("all", "adam", 1e-3, 16)
+    has_samples = True
+
+    @property
+    def settings(self) -> DiffusionConfig:
+        """`cfg.diffusion` if the config carries it, else the defaults."""
+        return getattr(self.cfg, "diffusion", None) or DiffusionConfig()
+
+    def check(self) -> None:
+        """UserError for an image size the UNet cannot take, or a judge that cannot label samples."""
+        from sophon_ray.models import downsample_factor
+
+        cfg = self.cfg
+        factor = downsample_factor(cfg.arch)
+        if cfg.input.size % factor:
+            raise UserError(
+                f"image size {cfg.input.size} is not divisible by the UNet's down-sampling factor {factor} "
+                f"({cfg.arch.name}); use input.size=<multiple of {factor}>"
+            )
+        judge = self.settings.judge
+        if judge is not None and (judge.kind != "classifier" or not self.settings.judge_classes):
+            raise UserError("diffusion.judge must be a classifier config (kind=classifier) and diffusion.judge_classes "
+                            "the judge's labels that count as restricted (e.g. [5,6,7,8,9])")
+
+    @staticmethod
+    def build_module(card: dict[str, Any]) -> torch.nn.Module:
+        from sophon_ray.config import ArchSpec
+        from sophon_ray.models import build_diffusion
+
+        arch = ArchSpec(name=card["arch"]["name"], kwargs=dict(card["arch"].get("kwargs", {})))
+        inp = card["input"]
+        return build_diffusion(arch, int(inp["channels"]), int(inp["size"]))[0]
+
+    def load_tensors(self) -> Tensors:
+        """Original and restricted images preprocessed per `cfg.input`. Unlike classification, the two
+        label spaces may differ (labels are unused); `num_classes` is the original domain's."""
+        from sophon_ray.data import load_domain, preprocess
+
+        cfg = self.cfg
+        self.check()
+        orig, restr = load_domain(cfg.original), load_domain(cfg.restricted[0])
+        return Tensors(
+            original_train=preprocess(orig.train, cfg.input), original_test=preprocess(orig.test, cfg.input),
+            restricted_train=preprocess(restr.train, cfg.input), restricted_test=preprocess(restr.test, cfg.input),
+            num_classes=orig.num_classes, names={"original": orig.name, "restricted": [restr.name]},
+        )
+
+    def new_unet(self, seed: int) -> tuple[torch.nn.Module, Any]:
+        """A seeded random UNet of the pipeline's architecture and its DDPM scheduler."""
+        from sophon_ray.models import build_diffusion
+
+        self.check()
+        torch.manual_seed(seed)
+        return build_diffusion(self.cfg.arch, self.cfg.input.channels, self.cfg.input.size)
+
+    def new_model(self, num_classes: int, seed: int) -> torch.nn.Module:
+        """A seeded random UNet (`num_classes` is ignored: a UNet has no head)."""
+        return self.new_unet(seed)[0]
+
+    def scheduler(self) -> Any:
+        """The pipeline's DDPM scheduler (diffusers `DDPMScheduler`), without building a UNet."""
+        from sophon_ray.models.diffusion import build_scheduler
+
+        return build_scheduler(self.cfg.arch)
+
+    def load_for(self, source: str | Path, t: Tensors) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Load a diffusion model directory and refuse one that does not fit the pipeline's data."""
+        from sophon_ray.core.diffusion import check_images
+        from sophon_ray.models import downsample_factor
+        from sophon_ray.tasks.base import load_model
+
+        cfg = self.cfg
+        model, card = load_model(source)
+        got, want = int(card["input"]["channels"]), cfg.input.channels
+        if card["kind"] == self.kind and got != want:
+            raise UserError(f"model {source} takes {got}-channel images but pipeline {cfg.name!r} has {want} "
+                            f"(input.channels); pass a model made for this data or --set input.channels={got}")
+        self.check_compatible(card, t.num_classes, str(source))
+        check_images(t.restricted_test[0][:1], model.config.in_channels, downsample_factor(cfg.arch), f"pipeline {cfg.name}")
+        return model, card
+
+    def objective(self, alphas_cumprod: torch.Tensor, protection: bool = False):
+        """The `DiffusionObjective` of the pipeline (suppression loss `cfg.protect.loss`); timesteps from
+        `diffusion.t_range` for protection, else (pretraining, attacks) from the whole schedule."""
+        from sophon_ray.core.diffusion import DiffusionObjective
+        from sophon_ray.core.losses import get_loss
+
+        t_range = self.settings.t_range if protection else None
+        return DiffusionObjective(get_loss(self.cfg.protect.loss, self.kind), alphas_cumprod, t_range)
+
+    def mse(self, model: torch.nn.Module, x: torch.Tensor, alphas_cumprod: torch.Tensor) -> float:
+        """Denoising MSE of `model` on images `x` over the pipeline's fixed grid and noise seed."""
+        from sophon_ray.core.diffusion import denoising_mse, eval_timesteps
+
+        s = self.settings
+        grid = eval_timesteps(len(alphas_cumprod), s.eval_timesteps)
+        return denoising_mse(model, x, alphas_cumprod, grid, s.eval_seed, self.cfg.attack.eval_batch)
+
+    def original_metric(self, model: torch.nn.Module, t: Tensors) -> float:
+        """Original-domain test MSE (the guard's quantity; of the source model: the guard's reference)."""
+        return self.mse(model, t.original_test[0], self.scheduler().alphas_cumprod)
+
+    def model_metrics(self, model: torch.nn.Module, t: Tensors) -> dict[str, float]:
+        """Original and restricted test MSE of a model (what metrics.json records)."""
+        alphas = self.scheduler().alphas_cumprod
+        return {"original_test_mse": self.mse(model, t.original_test[0], alphas),
+                "restricted_test_mse": self.mse(model, t.restricted_test[0], alphas)}
+
+    def pretrain(self, out: str | Path, log: Log = print, on_metrics: Metrics = no_metrics) -> Path:
+        """Train the unprotected source UNet on the original domain (ε-prediction MSE, AdamW + cosine)."""
+        cfg = self.cfg
+        t = self.load_tensors()
+        p = cfg.pretrain
+        model, sched = self.new_unet(p.seed)
+        obj = self.objective(sched.alphas_cumprod)
+        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
+        g = torch.Generator().manual_seed(p.seed)
+        x = t.original_train[0]
+        start = time.perf_counter()
+        model.train()
+        for step in range(1, p.steps + 1):
+            idx = torch.randint(len(x), (p.batch_size,), generator=g)
+            loss = obj.train_loss(model, obj.make_batch((x[idx],), g))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+            if step % 10 == 0 or step == p.steps:
+                on_metrics(step, {"train_loss": loss.item()})
+            if step % max(p.steps // 5, 1) == 0 or step == p.steps:
+                log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
+        metrics = self.model_metrics(model, t)
+        log(f"pretrain done: original test MSE {metrics['original_test_mse']:.4f}, "
+            f"restricted test MSE {metrics['restricted_test_mse']:.4f} ({time.perf_counter() - start:.1f}s)")
+        card = self.make_card(t, "source", {"config": to_dict(cfg.pretrain), "stage_hash": self.source_stage_hash()})
+        return modeldir.save_model_dir(out, model, card, metrics)
+
+    def build_protection(self, model: torch.nn.Module, t: Tensors, source_value: float, **dist: Any):
+        """The core `Protection` for a diffusion pipeline (shared by local and Ray Train runs).
+
+        The guard passes while the original test MSE <= source_value * (1 + protect.guard_margin).
+        """
+        from sophon_ray.core import Protection, ProtectData
+
+        alphas = self.scheduler().alphas_cumprod
+        obj = self.objective(alphas, protection=True)
+        data = ProtectData(original=t.original_train, restricted=t.restricted_train)
+        return Protection(
+            model, self.cfg.protect, data, obj,
+            evaluate_original=lambda: self.mse(model, t.original_test[0], alphas),
+            source_value=source_value, higher_is_better=False, head_keys=(), make_batch=obj.make_batch, **dist,
+        )
+
+    def validate_recipe(self, recipe: Recipe) -> None:
+        """Refuse classifier strategies for a UNet (they need a head)."""
+        from sophon_ray.core.attack import DIFFUSION_STRATEGIES, validate_recipe as validate
+
+        validate(recipe)
+        if recipe.strategy not in DIFFUSION_STRATEGIES:
+            raise UserError(f"strategy {recipe.strategy!r} is for classifiers; a diffusion model takes "
+                            f"strategy={'|'.join(DIFFUSION_STRATEGIES)} (e.g. --recipe strategy=all,optimizer=adam,lr=1e-3)")
+
+    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module | None, seed: int) -> dict[str, Any]:
+        """The diffusion arguments of `core.attack.finetune` (train, evaluate, head_keys, loss_fn):
+        restricted training images, restricted test MSE, no head, ε-prediction loss over the whole
+        schedule with noise/timesteps from a generator seeded by `seed`."""
+        alphas = self.scheduler().alphas_cumprod
+        return {
+            "train": (t.restricted_train[0],),
+            "evaluate": lambda m: self.mse(m, t.restricted_test[0], alphas),
+            "head_keys": (),
+            "loss_fn": self.objective(alphas).loss_fn(torch.Generator().manual_seed(7919 * seed + 17)),
+        }
+
+    def attack_run(self, model_src: str | Path | None, recipe: Recipe, seed: int = 0, t: Tensors | None = None,
+                   track_original: bool = True) -> AttackResult:
+        """Fine-tune a subject on the restricted training images; `model_src=None` is a scratch UNet
+        (seeded 10000 + seed). With `track_original`, the original-domain test MSE is measured at each budget."""
+        from sophon_ray.core import finetune
+
+        self.validate_recipe(recipe)
+        t = t or self.load_tensors()
+        model = self.new_unet(10_000 + seed)[0] if model_src is None else self.load_for(model_src, t)[0]
+        alphas = self.scheduler().alphas_cumprod
+        torch.manual_seed(seed)
+        original: dict[int, float] = {}
+
+        def on_budget(steps: int, _: float) -> None:
+            if track_original:
+                original[steps] = self.mse(model, t.original_test[0], alphas)
+
+        curve = finetune(model, recipe, budgets=self.cfg.attack.budgets, seed=seed, on_budget=on_budget,
+                         **self.finetune_kwargs(t, model, seed))
+        return AttackResult(curve, original, model)
+
+    def attack(self, model_src: str | Path | None, recipe: Recipe, seed: int = 0,
+               t: Tensors | None = None) -> dict[int, float]:
+        """One real fine-tuning run; returns the restricted test MSE at each of `cfg.attack.budgets`."""
+        return self.attack_run(model_src, recipe, seed, t, track_original=False).restricted
+
+    def suites(self) -> dict[str, tuple[Recipe, ...]]:
+        return SUITES_DIFFUSION
+
+    def audit_extras(self, audit: dict[str, Any], subjects: dict[str, str | None], out: Path, log: Log = print,
+                     enabled: bool = True, judge_dir: str | Path | None = None) -> dict[str, Any]:
+        """After a diffusion audit: `sample_report` with the strongest recipe against the protected model,
+        or, when disabled (`--no-samples`, `diffusion.samples=0`), a samples.json saying so and how to make them."""
+        from sophon_ray.outputs import write_json_atomic
+        from sophon_ray.tasks.diffusion.samples import sample_report, strongest_recipe
+
+        recipe = strongest_recipe(audit)
+        why = ("--no-samples" if not enabled else "diffusion.samples=0" if self.settings.samples < 1
+               else "no ok trial of the protected model" if recipe is None else None)
+        if why is not None:
+            info = {"skipped": f"sample grids and the judge metric were skipped ({why}); make them with "
+                               f"`sophon-ray samples {self.cfg.name} --model {subjects.get('protected')} "
+                               f"--audit {out}/audit.json`"}
+            write_json_atomic(Path(out) / "samples.json", info)
+            log(f"samples: {info['skipped']}")
+            return info
+        log(f"samples: fine-tune every subject with the strongest recipe ({recipe.strategy} {recipe.optimizer} "
+            f"lr {recipe.lr:g}) and sample {self.settings.samples} images each")
+        return sample_report(self, subjects, out, recipe, judge_dir=judge_dir, log=log)

@@ -1,0 +1,34 @@
+"""Named, versioned attack suites for diffusion UNets (a new version is a new name)."""
+
+from __future__ import annotations
+
+from sophon_ray.config import Recipe
+
+R = Recipe
+
+# 15 recipes for UNets: 7 optimizers at several lrs, strategies all / up / down, batch 16 and 32.
+# (Plain SGD at lr 1e-1 and momentum at 1e-2 diverge on the digits UNets from any start.)
+SUITE_DIFFUSION_V1: tuple[Recipe, ...] = (
+    R("all", "sgd", 1e-2, 16),
+    R("all", "sgd", 3e-2, 16),
+    R("all", "momentum", 3e-3, 16),
+    R("all", "adam", 1e-4, 16),
+    R("all", "adam", 1e-3, 16),
+    R("all", "adam", 1e-3, 32),
+    R("all", "adam", 3e-3, 16, schedule="warmup"),
+    R("all", "adamw", 1e-3, 16, weight_decay=1e-2, schedule="cosine"),
+    R("all", "rmsprop", 1e-4, 16),
+    R("all", "adagrad", 1e-2, 16),
+    R("up", "adam", 1e-3, 16),
+    R("up", "momentum", 3e-3, 16),
+    R("down", "adam", 1e-3, 16),
+    R("down", "momentum", 3e-3, 16),
+    R("all", "nesterov", 3e-3, 16, schedule="cosine"),
+)
+# 2 recipes, for tests and `sophon-ray run --smoke` only.
+SUITE_DIFFUSION_TEST_V1: tuple[Recipe, ...] = (
+    R("all", "adam", 1e-3, 16),
+    R("up", "momentum", 3e-3, 16),
+)
+SUITES_DIFFUSION: dict[str, tuple[Recipe, ...]] = {"diffusion-v1": SUITE_DIFFUSION_V1,
+                                                   "diffusion-test-v1": SUITE_DIFFUSION_TEST_V1}
