@@ -59,7 +59,7 @@ def _err(msg: str) -> None:
 
 def make_model(root: Path) -> Path:
     """Smoke source + protected models; the source is then removed (no 'original' subject)."""
-    from sophon_ray.cli import main
+    from sophon_ray.app.cli import main
 
     fast = ["--smoke", "--set", "pretrain.steps=30", "--set", "protect.iterations=3"]
     assert main(["pretrain", "digits", *fast, "--out", str(root / "source")]) == 0
@@ -86,10 +86,10 @@ def _recorder():
 
 
 def run_once(model: Path, budgets: tuple[int, ...], concurrency: int, out: Path, suite: str = "quick-v1") -> dict:
-    from sophon_ray import jobs
+    from sophon_ray import tasks
     from sophon_ray.audit.driver import run_audit
 
-    cfg = jobs.get_pipeline("digits", smoke=True)
+    cfg = tasks.get_pipeline("digits", smoke=True)
     rec = _recorder()
     t0 = time.perf_counter()
     audit = run_audit(cfg, str(model), out=out, suite=suite, budgets=budgets, concurrency=concurrency,
@@ -123,17 +123,18 @@ def _plain_share(model: str, budgets: tuple[int, ...], jobs_: list[tuple[str, di
     import torch
 
     torch.set_num_threads(1)  # what Ray gives a 1-CPU trial (OMP_NUM_THREADS=1)
-    from sophon_ray import jobs
+    from sophon_ray import tasks
     from sophon_ray.audit.trial import cached_tensors, subject_model
     from sophon_ray.config import Recipe
     from sophon_ray.core import finetune
 
-    cfg = jobs.get_pipeline("digits", smoke=True, overrides=[f"attack.budgets={list(budgets)}"])
+    cfg = tasks.get_pipeline("digits", smoke=True, overrides=[f"attack.budgets={list(budgets)}"])
+    task = tasks.of(cfg)
     t = cached_tensors(cfg)
     subject_model(cfg, model, t, 0, "cpu")  # load once, as a reused trial actor does
     warm = subject_model(cfg, None, t, 0, "cpu")
     finetune(warm, Recipe(), budgets=(1,), seed=0, on_budget=lambda s, v: None,
-             **jobs.finetune_kwargs(cfg, t, warm, 0))  # first torch.optim use (imports torch._dynamo)
+             **task.finetune_kwargs(t, warm, 0))  # first torch.optim use (imports torch._dynamo)
     _BARRIER.wait()
     start = time.monotonic()
     compute = 0.0
@@ -142,7 +143,7 @@ def _plain_share(model: str, budgets: tuple[int, ...], jobs_: list[tuple[str, di
         torch.manual_seed(seed)
         c0 = time.perf_counter()
         finetune(m, Recipe(**recipe), budgets=cfg.attack.budgets, seed=seed, on_budget=lambda s, v: None,
-                 **jobs.finetune_kwargs(cfg, t, m, seed))
+                 **task.finetune_kwargs(t, m, seed))
         compute += time.perf_counter() - c0
     return start, time.monotonic(), compute
 

@@ -40,8 +40,8 @@ def run_child(spec: dict) -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
-    from pipelines import digits_diffusion
-    from sophon_ray import diffusion_jobs as dj
+    from sophon_ray.pipelines import digits_diffusion
+    from sophon_ray import tasks
     from sophon_ray.core.protect import Protection, ProtectData
     from sophon_ray.models import build_diffusion
 
@@ -62,7 +62,7 @@ def run_child(spec: dict) -> dict:
         original=(torch.randn(pool, 1, s, s, generator=g), torch.zeros(pool, dtype=torch.long)),
         restricted=(torch.randn(pool, 1, s, s, generator=g), torch.zeros(pool, dtype=torch.long)),
     )
-    obj = dj.objective(cfg, sched.alphas_cumprod, protection=True)
+    obj = tasks.of(cfg).objective(sched.alphas_cumprod, protection=True)
     prot = Protection(model, pc, data, obj, evaluate_original=lambda: 1.0, source_value=1.0,
                       higher_is_better=False, head_keys=(), make_batch=obj.make_batch)
     prot.check_guard()

@@ -33,22 +33,23 @@ def main() -> None:
     ap.add_argument("--out", default="out/quality-sweep")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from sophon_ray import card as cardlib
-    from sophon_ray import jobs
-    from sophon_ray.audit.suites import DEFAULT_V1, QUICK_V1, recipe_label
+    from sophon_ray import modeldir, tasks
+    from sophon_ray.config import recipe_label
+    from sophon_ray.tasks.classifier.suites import DEFAULT_V1, QUICK_V1
     from sophon_ray.core import run
 
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = jobs.get_pipeline("digits", overrides=[f"attack.budgets={list(BUDGETS)}", *args.set])
-    t = jobs.load_tensors(cfg)
+    cfg = tasks.get_pipeline("digits", overrides=[f"attack.budgets={list(BUDGETS)}", *args.set])
+    task = tasks.of(cfg)
+    t = task.load_tensors()
     src = root / "source"
     if not src.exists():
-        jobs.pretrain(cfg, src, log=lambda s: None)
+        task.pretrain(src, log=lambda s: None)
     recipes = list(dict.fromkeys(DEFAULT_V1 + QUICK_V1))
 
     def curves(model_src: Path | None) -> dict[str, dict[int, float]]:
-        return {f"{recipe_label(r)}|{s}": jobs.attack(cfg, model_src, r, seed=s, t=t) for r in recipes for s in SEEDS}
+        return {f"{recipe_label(r)}|{s}": task.attack(model_src, r, seed=s, t=t) for r in recipes for s in SEEDS}
 
     def best(c: dict[str, dict[int, float]]) -> dict[int, float]:
         return {b: max(v[b] for v in c.values()) for b in BUDGETS}
@@ -58,20 +59,20 @@ def main() -> None:
         ref.write_text(json.dumps(curves(None)))
     scratch = {k: {int(b): v for b, v in d.items()} for k, d in json.loads(ref.read_text()).items()}
     start = time.perf_counter()
-    model, _ = jobs.load_for(cfg, src, t)
-    source_acc = jobs.original_metric(cfg, model, t)
-    prot = jobs.build_protection(cfg, model, t, source_acc)
+    model, _ = task.load_for(src, t)
+    source_acc = task.original_metric(model, t)
+    prot = task.build_protection(model, t, source_acc)
     run(prot, lambda it, m: print(args.name, it, {k: round(v, 3) for k, v in m.items()}, flush=True)
         if it % 25 == 0 else None)
     seconds = time.perf_counter() - start
     out = root / args.name
     shutil.rmtree(out, ignore_errors=True)
-    cardlib.save_model_dir(out, model, jobs.make_card(cfg, t, "protected", {}), {})
+    modeldir.save_model_dir(out, model, task.make_card(t, "protected", {}), {})
     pc = curves(out)
     (root / f"{args.name}.curves.json").write_text(json.dumps(pc))  # per run, e.g. for per-suite margins
     pb, sb = best(pc), best(scratch)
     res = {
-        "name": args.name, "overrides": args.set, "protect_s": round(seconds), "orig": jobs.original_metric(cfg, model, t),
+        "name": args.name, "overrides": args.set, "protect_s": round(seconds), "orig": task.original_metric(model, t),
         "source_orig": source_acc, "rollbacks": prot.guard.rollbacks, "protected": pb, "scratch": sb,
         "margin": {b: round(pb[b] - sb[b], 3) for b in BUDGETS},
         "mean": {b: round(sum(v[b] for v in pc.values()) / len(pc), 3) for b in BUDGETS},

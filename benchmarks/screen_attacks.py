@@ -19,21 +19,21 @@ import torch
 
 
 def main(argv: list[str]) -> None:
-    from sophon_ray import jobs
+    from sophon_ray import tasks
     from sophon_ray.config import Recipe
 
     torch.set_num_threads(1)  # as in an audit trial
     pipe, model, *rest = argv
     n = int(rest[0]) if rest and not rest[0].startswith("--") else 4
     overrides = [rest[i + 1] for i, a in enumerate(rest) if a == "--set"]
-    cfg = jobs.get_pipeline(pipe, overrides=overrides)
-    t = jobs.load_tensors(cfg)
+    task = tasks.of(tasks.get_pipeline(pipe, overrides=overrides))
+    cfg, t = task.cfg, task.load_tensors()
     recipes = [Recipe("direct-all", "sgd", 1e-2, 32), Recipe("initFC-all", "adam", 1e-3, 32),
                Recipe("direct-all", "adam", 1e-3, 32), Recipe("initFC-all", "adadelta", 1.0, 32)][:n]
     rows = []
     for r in recipes:
         start = time.perf_counter()
-        curve = jobs.attack(cfg, None if model == "scratch" else model, r, seed=0, t=t)
+        curve = task.attack(None if model == "scratch" else model, r, seed=0, t=t)
         rows.append({"recipe": f"{r.strategy} {r.optimizer} {r.lr:g}", "curve": curve,
                      "seconds": round(time.perf_counter() - start, 1)})
         print(f"{rows[-1]['recipe']:28s} " + " / ".join(f"{v:.3f}" for v in curve.values())

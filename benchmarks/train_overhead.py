@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sophon_ray import jobs  # noqa: E402
+from sophon_ray import tasks  # noqa: E402
 
 
 def in_process(cfg, source: Path, threads: int) -> dict:
@@ -38,9 +38,10 @@ def in_process(cfg, source: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    t = jobs.load_tensors(cfg)
-    model, _ = jobs.load_for(cfg, source, t)
-    prot = jobs.build_protection(cfg, model, t, accuracy(model, *t.original_test))
+    task = tasks.of(cfg)
+    t = task.load_tensors()
+    model, _ = task.load_for(source, t)
+    prot = task.build_protection(model, t, accuracy(model, *t.original_test))
     ready = time.perf_counter()  # like a Ray worker's progress clock: iteration stamps count from here
     stamps = []
     while prot.iteration < cfg.protect.iterations:
@@ -50,7 +51,7 @@ def in_process(cfg, source: Path, threads: int) -> dict:
 
 
 def on_ray(cfg, source: Path, workers: int, threads: int, out: Path, report_every: int = 1) -> dict:
-    from sophon_ray.train.driver import protect_distributed
+    from sophon_ray.train.driver import protect_distributed, timings_of
 
     start = time.perf_counter()
     d = protect_distributed(cfg, source, out / f"w{workers}", workers=workers, cpus_per_worker=threads,
@@ -59,7 +60,7 @@ def on_ray(cfg, source: Path, workers: int, threads: int, out: Path, report_ever
     metrics = json.loads((d / "metrics.json").read_text())
     lines = [json.loads(x) for x in (out / ".ray" / metrics["ray_run"] / "progress.jsonl").read_text().splitlines()]
     return {"wall": wall, "stamps": [(int(x["iteration"]), float(x["seconds"])) for x in lines],
-            "timings": metrics["timings"]}
+            "timings": timings_of(d)}
 
 
 def steady(stamps: list[tuple[int, float]], skip: int = 5) -> float:
@@ -79,13 +80,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra digits config overrides, e.g. protect.envs_per_step=2")
     args = ap.parse_args()
-    cfg = jobs.get_pipeline("digits", overrides=[f"protect.iterations={args.iterations}", "protect.guard_every=1000",
+    cfg = tasks.get_pipeline("digits", overrides=[f"protect.iterations={args.iterations}", "protect.guard_every=1000",
                                                  *args.set])
     names = ["in-process", "ray 1 worker", "ray 2 workers"]
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        source = jobs.pretrain(jobs.get_pipeline("digits", smoke=True), out / "source", log=lambda m: None)
+        source = tasks.of(tasks.get_pipeline("digits", smoke=True)).pretrain(out / "source", log=lambda m: None)
         for rep in range(args.repeats):
             for name in names if rep % 2 == 0 else names[::-1]:
                 if name == "in-process":
@@ -117,7 +118,7 @@ def main() -> None:
         result[name] = row
         print(f"{name:14s} {row['wall_s']:8.2f} {row['per_iteration_s']:11.4f} {row['ratio_vs_in_process']:10.3f} "
               f"{row['startup_s']:11.2f} {row['wall_minus_loop_s']:11.2f}")
-    print("where the Ray rows' wall time went (s, medians; Train's metrics.json 'timings'):")
+    print("where the Ray rows' wall time went (s, medians; the Train run's timings.json):")
     for name, row in result.items():
         if row["timings_s"]:
             print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["timings_s"].items()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import string
 from pathlib import Path
 from typing import Any
 
@@ -317,8 +318,8 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
         + "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
         + _samples_html(out / "samples.json")
     )
-    style = "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>sophon-ray audit</title><style>{style}</style></head><body>{body}</body></html>"
+    template = string.Template((Path(__file__).with_name("report.html")).read_text())
+    page = template.substitute(pipeline=html.escape(audit["pipeline"]), body=body)
     from sophon_ray.outputs import write_bytes_atomic
 
     path = out / "report.html"

@@ -83,6 +83,9 @@ def check_resources(workers: int, cpus: float, gpus: float, have: dict[str, floa
         )
 
 
+LEAN_RAY_VERSIONS = ("2.60.",)  # Ray releases whose Train V2 internals `lean_trainer_class` was measured on
+
+
 def lean_trainer_class(own_instance: bool) -> type:
     """`TorchTrainer`, minus two per-run helper actors Ray Train V2 starts that this job never uses.
 
@@ -92,11 +95,17 @@ def lean_trainer_class(own_instance: bool) -> type:
     frees the placement group should the controller die; on a local instance this process started
     and will stop, `ray.shutdown` frees everything anyway, so it is dropped only there). On a 2-core
     machine their start-up competes with the workers': 2-worker start-up 13.1 s vs 15.9 s, medians
-    of 3 interleaved pairs (`benchmarks/train_lean_ab.py`, docs/benchmarks.md). Falls back to the
-    plain `TorchTrainer` should a Ray release move these classes.
+    of 3 interleaved pairs (docs/history/benchmarks-2026-11-29-to-12-03.md).
+
+    These are private Ray classes, so the lean trainer is used only on the Ray releases it was
+    measured on (`LEAN_RAY_VERSIONS`) and only while the override point exists; anything else,
+    including an error inside the override, gets the plain `TorchTrainer`'s callbacks.
     """
+    import ray
     from ray.train.torch import TorchTrainer
 
+    if not ray.__version__.startswith(LEAN_RAY_VERSIONS) or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -105,9 +114,13 @@ def lean_trainer_class(own_instance: bool) -> type:
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list:
-            return [c for c in super()._create_default_callbacks()
-                    if not (isinstance(c, DatasetsCallback) and not self.datasets)
-                    and not (isinstance(c, PlacementGroupCleanerCallback) and own_instance)]
+            callbacks = super()._create_default_callbacks()
+            try:
+                return [c for c in callbacks
+                        if not (isinstance(c, DatasetsCallback) and not self.datasets)
+                        and not (isinstance(c, PlacementGroupCleanerCallback) and own_instance)]
+            except Exception:  # a changed internal: keep Ray's own callbacks
+                return callbacks
 
     return LeanTorchTrainer
 
