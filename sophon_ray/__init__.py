@@ -5,8 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_model"]
+__all__ = ["audit", "import_model", "load_model", "pipeline", "pretrain", "protect", "run"]
 __version__ = "0.1.0"
+_API = ("audit", "import_model", "pipeline", "pretrain", "protect", "run")
+
+
+def __getattr__(name: str) -> Any:
+    """The Python API (`sophon_ray.app.api`), imported on first use: `sophon_ray.protect(...)`."""
+    if name in _API:
+        from sophon_ray.app import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sophon_ray' has no attribute {name!r}")
 
 
 def load_model(source: str | Path) -> tuple[Any, dict[str, Any]]:

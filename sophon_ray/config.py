@@ -182,6 +182,10 @@ class DiffusionPipelineConfig(PipelineConfig):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
+# kind -> the config class a pipeline file of that kind starts from
+CONFIG_CLASSES: dict[str, type[PipelineConfig]] = {"classifier": PipelineConfig, "diffusion": DiffusionPipelineConfig}
+
+
 def extensions(cfg: PipelineConfig) -> tuple[Any, ...]:
     """The fields a config subclass adds to `PipelineConfig` (e.g. `diffusion`), for stage hashes."""
     base = {f.name for f in dataclasses.fields(PipelineConfig)}
@@ -274,3 +278,31 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
         key, text = item.split("=", 1)
         cfg = _replace_path(cfg, key.strip().split("."), _parse_value(text.strip()), key.strip())
     return cfg
+
+
+def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
+    """`obj` (a config dataclass) with the values of a nested dict merged in, every key and type
+    checked like `--set` (a pipeline file's fields; UserError naming the key path). Lists of
+    mappings become tuples of the existing items' dataclass (e.g. `restricted`), mappings
+    on dict fields (`options`, `kwargs`) replace them, `judge` mappings build a PipelineConfig."""
+    if dataclasses.is_dataclass(obj) and isinstance(data, dict):
+        names = [f.name for f in dataclasses.fields(obj)]
+        changes = {}
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key not in names:
+                raise UserError(f"{path}: unknown key {key!r}; valid keys here: {', '.join(names)}")
+            current = getattr(obj, key)
+            if key == "judge" and isinstance(value, dict):
+                current = current or PipelineConfig(name="judge", description="the judge classifier")
+            changes[key] = merge_dict(current, value, path)
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, tuple) and obj and dataclasses.is_dataclass(obj[0]) and isinstance(data, list):
+        return tuple(merge_dict(type(obj[0])(), item, f"{where}.{i}") for i, item in enumerate(data))
+    if dataclasses.is_dataclass(obj) or (isinstance(data, dict) and not isinstance(obj, dict) and obj is not None):
+        raise UserError(f"{where}: expected a mapping of {type(obj).__name__} fields, got {data!r}")
+    if isinstance(obj, dict):
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a mapping, got {data!r}")
+        return dict(data)
+    return _coerce(data, obj, where)

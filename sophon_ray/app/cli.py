@@ -53,15 +53,43 @@ def _out(args: argparse.Namespace, stage: str, kind: str = "model") -> Path:
     this kind of sophon-ray output (unless --force) or is not writable."""
     from sophon_ray.outputs import claim
 
-    path = Path(args.out) if args.out else Path("out") / args.pipeline / stage
+    path = Path(args.out) if args.out else Path("out") / _name(args.pipeline) / stage
     return claim(path, kind, force=args.force)
+
+
+def _name(pipeline: str) -> str:
+    """A pipeline argument as a folder name: the name, or a pipeline file's stem."""
+    from sophon_ray.pipelines import is_file_ref
+
+    return Path(pipeline).stem if is_file_ref(pipeline) else pipeline
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
     from sophon_ray.pipelines import PIPELINES
 
+    if args.show:
+        import yaml
+
+        from sophon_ray import tasks
+        from sophon_ray.config import to_dict
+
+        cfg = tasks.get_pipeline(args.show, args.smoke, args.overrides)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     for name, mod in PIPELINES.items():
         print(f"{name:20s} {mod.get_config().description}")
+    print("(or a pipeline file: sophon-ray run ./my_pipeline.yaml; see `sophon-ray pipelines --show NAME|PATH`)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A model directory (role source) from weights the user brings, for a pipeline's arch."""
+    from sophon_ray import tasks
+    from sophon_ray.app import tracked
+
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    out = tracked.import_model(cfg, args.weights, _out(args, "source"), log=_log, new_head=args.new_head)
+    print(out)
     return 0
 
 
@@ -164,11 +192,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be >= 0 (0 = in-process)")
     check_thresholds(cfg, args.epsilon, args.min_gap)
-    root = claim(Path(args.out) if args.out else Path("out") / cfg.name, "run", force=args.force)
+    root = claim(Path(args.out) if args.out else Path("out") / _name(args.pipeline), "run", force=args.force)
     for stage, sub_kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model")):
         claim(root / stage, sub_kind, force=args.force)
     summary = run_pipeline(
-        cfg, root, workers=args.workers, search=args.search, min_gap=args.min_gap, smoke=args.smoke,
+        cfg, root, workers=args.workers, source=_model(args.source) if args.source else None, search=args.search, min_gap=args.min_gap, smoke=args.smoke,
         suite=args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
@@ -254,8 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show full tracebacks and library noise")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pipelines", help="list ready pipelines")
+    p = sub.add_parser("pipelines", help="list ready pipelines, or --show one's resolved config")
+    p.add_argument("--show", default=None, metavar="NAME|PATH", help="print the resolved config (YAML) of a pipeline")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="with --show: override a config field (repeatable)")
+    p.add_argument("--smoke", action="store_true", help="with --show: the smoke settings")
     p.set_defaults(func=cmd_pipelines)
+
+    p = sub.add_parser("import", help="make a source model directory from your own weights (safetensors, "
+                                      "weights-only .pt, or a diffusers UNet2DModel folder)")
+    p.add_argument("pipeline", help="pipeline name or file whose arch and input the weights are for")
+    p.add_argument("--weights", required=True, help="a .safetensors / .pt state dict, or a diffusers UNet folder")
+    p.add_argument("--new-head", action="store_true",
+                   help="re-initialise the classifier head (weights made for another class count)")
+    _common(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("pretrain", help="train the unprotected source model on the original domain")
     p.add_argument("pipeline")
@@ -320,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is passed (failed or inconclusive)")
     p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
+    p.add_argument("--source", default=None, help="protect this model (directory or MLflow URI) instead of pretraining one")
     _common(p)
     p.set_defaults(func=cmd_run)
 

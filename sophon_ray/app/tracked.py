@@ -40,6 +40,19 @@ def pretrain(cfg: PipelineConfig, out: Path, log: Log) -> Path:
     return d
 
 
+def import_model(cfg: PipelineConfig, weights: str | Path, out: Path, log: Log, *, new_head: bool = False) -> Path:
+    """`Task.import_model` inside an MLflow run (params: the config and the weights' origin)."""
+    from sophon_ray import tracking
+
+    tracking.ensure_store()
+    options = {"weights": str(weights), "new_head": new_head}
+    with tracking.Tracker.start("import", cfg.name, {**to_dict(cfg), "run": options}) as run:
+        d = tasks.of(cfg).import_model(weights, out, new_head=new_head, log=log)
+        run.log_metrics(_final_metrics(d))
+        run.log_model_dir(d)
+    return d
+
+
 def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name: str | None = None,
             workers: int = 0, source_ref: str | None = None, **distributed: Any) -> tuple[Path, int]:
     """Protect the local model directory `source` (in-process when `workers == 0`, else on Ray

@@ -47,13 +47,15 @@ def run_pipeline(
     gpus_per_worker: float = 0.0,
     verbose: bool = False,
     log: Log = print,
+    source: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run every stage (skipping those already done for this config); returns a summary dict.
 
     `suite` (None: the kind's `run_suite`) or `search` (starting from `suite` if given) picks the
     audit's attacks; `epsilon` / `min_gap` None are the kind's defaults (min_gap: attack.min_gap
     first); `smoke` is recorded in the audit (a smoke audit never certifies); `samples` lets a diffusion audit draw
-    sample grids and judge them (judge cached in `root/judge`)."""
+    sample grids and judge them (judge cached in `root/judge`). `source`: a local model directory
+    to protect instead of pretraining one (`sophon-ray run --source`; checked against the pipeline first)."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
@@ -64,17 +66,22 @@ def run_pipeline(
     from sophon_ray.audit.driver import resolve_min_gap
 
     min_gap = resolve_min_gap(cfg, min_gap)
+    if source is not None:  # refuse a model that does not fit before any Ray or MLflow work
+        task.check_compatible(read_card(source), task.load_tensors().num_classes, str(source))
     tracking.ensure_store()  # fail fast on an unreachable server, before any work
     started = time.perf_counter()
     times: dict[str, float] = {}
     ray_started = init_ray(ray_address, verbose)
     try:
         t0 = time.perf_counter()
-        source = root / "source"
-        card = _card_or_none(source)
-        if card and card.get("lineage", {}).get("stage_hash") == task.source_stage_hash():
+        if source is not None:
+            source = Path(source)
+            log(f"[1/3] pretrain: skipped, protecting the given source {source}")
+        elif (card := _card_or_none(root / "source")) and card.get("lineage", {}).get("stage_hash") == task.source_stage_hash():
+            source = root / "source"
             log(f"[1/3] pretrain: {source} is up to date, skipped")
         else:
+            source = root / "source"
             log("[1/3] pretrain the unprotected source model")
             tracked.pretrain(cfg, source, log)
         source_sha = read_card(source)["sha256"]

@@ -205,9 +205,76 @@ def check_kwargs(name: str, kwargs: dict[str, Any], accepted: tuple[str, ...]) -
         raise UserError(f"arch {name!r} does not accept arch.kwargs {unknown}; accepted: {ok}")
 
 
+TORCHVISION = "torchvision:"  # arch.name prefix: any torchvision.models classifier builder taking num_classes
+
+
 def classifier_names() -> list[str]:
-    """Names accepted by `build_classifier`."""
-    return list(_BUILDERS)
+    """Names accepted by `build_classifier` (plus `torchvision:<builder>`, e.g. torchvision:resnet18)."""
+    return list(_BUILDERS) + [TORCHVISION + "<builder>"]
+
+
+def last_linear(model: nn.Module) -> str:
+    """The dotted path of the last `nn.Linear` registered in `model` (a torchvision classifier's
+    output layer: `fc`, `classifier.6`, `heads.head`, ...); UserError when there is none."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no nn.Linear output layer; sophon-ray needs a linear head")
+    return names[-1]
+
+
+def torchvision_model(builder: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """`torchvision.models.<builder>(num_classes=..., weights=None, **kwargs)` (random weights)."""
+    from torchvision import models as tvm
+
+    try:
+        fn = tvm.get_model_builder(builder)
+    except ValueError:
+        raise UserError(f"unknown torchvision builder {builder!r}; see torchvision.models.list_models() "
+                        "(e.g. arch.name=torchvision:resnet18)") from None
+    try:
+        return fn(weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise UserError(f"torchvision builder {builder!r} does not take these arguments ({e}); "
+                        "it must accept num_classes") from None
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _torchvision_generic(builder: str, num_classes: int, channels: int, size: int, **kwargs: Any) -> Classifier:
+    """A torchvision classifier as `Classifier`: `features` = the model with its last Linear
+    replaced by Identity, `head` = that Linear (so its weights keep their values on import)."""
+    if channels != 3:
+        raise UserError(f"torchvision:{builder} takes 3-channel images, got input.channels={channels}; "
+                        "set input.channels=3 (grey images are repeated to 3 channels)")
+    model = torchvision_model(builder, num_classes, **kwargs)
+    path = last_linear(model)
+    head = model.get_submodule(path)
+    _set_module(model, path, nn.Identity())
+    with torch.no_grad():
+        try:
+            out = model.eval()(torch.zeros(1, channels, size, size))
+        except RuntimeError as e:
+            raise UserError(f"torchvision:{builder} cannot take {channels}x{size}x{size} inputs ({str(e)[:120]}); "
+                            "raise input.size") from None
+    if out.dim() != 2 or out.shape[1] != head.in_features:
+        raise UserError(f"torchvision:{builder}: its last Linear ({path}) is not its final layer; "
+                        "sophon-ray needs a model whose output is a linear head")
+    model.train()
+    return Classifier(model, head)
+
+
+def torchvision_keys(builder: str, num_classes: int, **kwargs: Any) -> Callable[[str], str]:
+    """Map a torchvision state-dict key of `builder` to the `Classifier` key (`fc.weight` ->
+    `head.weight`, `layer1.0.conv1.weight` -> `features.layer1.0.conv1.weight`)."""
+    path = last_linear(torchvision_model(builder, num_classes, **kwargs))
+
+    def key(k: str) -> str:
+        return HEAD + k[len(path):] if k.startswith(path + ".") else "features." + k
+
+    return key
 
 
 def build_classifier(arch: ArchSpec, num_classes: int, channels: int, size: int) -> Classifier:
@@ -222,15 +289,19 @@ def build_classifier(arch: ArchSpec, num_classes: int, channels: int, size: int)
     Returns:
         A `Classifier` with `features` (B, C, S, S) -> (B, F) and `head` = nn.Linear(F, num_classes).
     """
-    if arch.name not in _BUILDERS:
+    tv = arch.name.startswith(TORCHVISION)
+    if arch.name not in _BUILDERS and not tv:
         raise UserError(f"unknown classifier arch {arch.name!r}; choose one of {classifier_names()} (arch.name=...)")
-    builder, accepted = _BUILDERS[arch.name]
-    check_kwargs(arch.name, dict(arch.kwargs), accepted)
+    if not tv:
+        builder, accepted = _BUILDERS[arch.name]
+        check_kwargs(arch.name, dict(arch.kwargs), accepted)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be an integer >= 1, got {num_classes!r}; check the domain's classes")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise UserError(f"input.channels must be an integer >= 1, got {channels!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"input.size must be a positive integer, got {size!r}")
+    if tv:
+        return _torchvision_generic(arch.name[len(TORCHVISION):], num_classes, channels, size, **arch.kwargs)
     features, dim = builder(channels, size, **arch.kwargs)
     return Classifier(features, nn.Linear(dim, num_classes))

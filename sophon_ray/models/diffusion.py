@@ -47,12 +47,35 @@ _UNETS: dict[str, dict[str, Any]] = {
 }
 
 
+# arch.name for any UNet2DModel: arch.kwargs holds its config (block_out_channels, layers_per_block,
+# down_block_types, up_block_types, ...; what `sophon-ray import` reads from a config.json), plus
+# the keys of _ACCEPTED. sample_size, in_channels and out_channels come from the pipeline's input.
+DIFFUSERS_UNET = "diffusers-unet"
+_SIZED = ("sample_size", "in_channels", "out_channels")
+
+
 def diffusion_names() -> list[str]:
     """Names accepted by `build_diffusion`."""
-    return list(_UNETS)
+    return [*_UNETS, DIFFUSERS_UNET]
+
+
+def unet_config_keys() -> tuple[str, ...]:
+    """The UNet2DModel constructor arguments a `diffusers-unet` arch may set."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    return tuple(k for k in inspect.signature(UNet2DModel.__init__).parameters if k not in ("self", *_SIZED))
 
 
 def _spec(arch: ArchSpec) -> dict[str, Any]:
+    if arch.name == DIFFUSERS_UNET:
+        kw = dict(arch.kwargs)
+        check_kwargs(arch.name, kw, (*unet_config_keys(), "timesteps", "mid_attention"))
+        missing = [k for k in ("block_out_channels", "down_block_types", "up_block_types") if k not in kw]
+        if missing:
+            raise UserError(f"arch {DIFFUSERS_UNET} needs arch.kwargs {missing} (a UNet2DModel config)")
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if k not in ("timesteps", "mid_attention")}
     if arch.name not in _UNETS:
         raise UserError(f"unknown diffusion arch {arch.name!r}; choose one of {diffusion_names()} (arch.name=...)")
     check_kwargs(arch.name, dict(arch.kwargs), _ACCEPTED)
@@ -93,12 +116,13 @@ def build_diffusion(arch: ArchSpec, channels: int, size: int):
             f"image size {size} is not divisible by the UNet's down-sampling factor {factor}; "
             f"use a size that is a multiple of {factor} (input.size=...)"
         )
-    if "dropout" in kw:
+    if "dropout" in kw and arch.name != DIFFUSERS_UNET:
         dropout = kw["dropout"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise UserError(f"arch.kwargs.dropout must be a number in [0, 1), got {dropout!r}")
         spec["dropout"] = float(dropout)
-    spec["add_attention"] = bool(kw.get("mid_attention", True))
+    if arch.name != DIFFUSERS_UNET or "mid_attention" in kw:
+        spec["add_attention"] = bool(kw.get("mid_attention", True))
 
     scheduler = build_scheduler(arch)
     from diffusers import UNet2DModel

@@ -40,12 +40,11 @@ def of(cfg: PipelineConfig) -> Task:
 
 
 def get_pipeline(name: str | Path, smoke: bool = False, overrides: tuple[str, ...] | list[str] = ()) -> PipelineConfig:
-    """The resolved, validated config of a ready pipeline, with `key.path=value` overrides applied."""
-    from sophon_ray.pipelines import PIPELINES
+    """The resolved, validated config of a bundled pipeline (by name) or a pipeline file (.py or
+    .yaml, see `pipelines.load`), with `key.path=value` overrides applied."""
+    from sophon_ray.pipelines import load
 
-    if name not in PIPELINES:
-        raise UserError(f"unknown pipeline {name!r}; run `sophon-ray pipelines` to list them ({', '.join(PIPELINES)})")
-    cfg = apply_overrides(PIPELINES[name].get_config(smoke=smoke), list(overrides))
+    cfg = apply_overrides(load(name, smoke), list(overrides))
     validate(cfg)
     return cfg
 

@@ -198,6 +198,24 @@ class Task:
         """The named attack suites of this kind."""
         raise NotImplementedError
 
+    def import_model(self, weights: str | Path, out: str | Path, *, new_head: bool = False,
+                     log: Log = print) -> Path:
+        """Write a model directory (role "source") from weights the user brings: the module of
+        `cfg.arch`, the weights matched key by key, the card recording their origin and sha256."""
+        raise NotImplementedError
+
+    def _save_imported(self, model: torch.nn.Module, t: Tensors, weights: str | Path, out: str | Path,
+                       new_head: bool, log: Log) -> Path:
+        path = Path(weights).resolve()
+        digest = modeldir.sha256_file(path) if path.is_file() else modeldir.sha256_file(path / self.weights_file)
+        metrics = self.model_metrics(model, t)
+        lineage = {"imported": {"path": str(path), "sha256": digest, "new_head": bool(new_head)},
+                   "stage_hash": f"imported-{digest[:16]}"}
+        log(f"import: {path} -> original test {self.metric.name} {metrics[f'original_test_{self.metric.name}']:.4f}")
+        return modeldir.save_model_dir(out, model, self.make_card(t, "source", lineage), metrics)
+
+    weights_file: ClassVar[str] = ""  # the weights file inside an imported folder (diffusers)
+
     def audit_extras(self, audit: dict[str, Any], subjects: dict[str, str | None], out: Path, log: Log = print,
                      enabled: bool = True, judge_dir: str | Path | None = None) -> dict[str, Any] | None:
         """Kind-specific additions to an audit directory (diffusion: sample grids and the judge

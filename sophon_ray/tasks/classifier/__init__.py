@@ -149,6 +149,29 @@ class ClassifierTask(Task):
     def suites(self) -> dict[str, tuple[Recipe, ...]]:
         return SUITES
 
+    def import_model(self, weights: str | Path, out: str | Path, *, new_head: bool = False,
+                     log: Log = print) -> Path:
+        """A source model directory from a state dict (.safetensors or weights-only .pt) of
+        `cfg.arch`: torchvision key names for `torchvision:<builder>` archs (`fc.weight` ->
+        `head.weight`), the project's own names otherwise. `new_head` re-initialises the head
+        (seeded) instead of loading it, for weights made for another class count."""
+        from sophon_ray.models.classifiers import TORCHVISION, torchvision_keys
+        from sophon_ray.tasks.weights import match, read_state_dict
+
+        cfg = self.cfg
+        t = self.load_tensors()
+        model = self.new_model(t.num_classes, cfg.pretrain.seed)
+        state = read_state_dict(weights)
+        if cfg.arch.name.startswith(TORCHVISION):
+            key = torchvision_keys(cfg.arch.name[len(TORCHVISION):], t.num_classes, **cfg.arch.kwargs)
+            state = {key(k): v for k, v in state.items()}
+        is_head = (lambda k: k.startswith("head.")) if new_head else (lambda k: False)
+        match(model, state, str(weights), skip=is_head,
+              hint=lambda k: (f" ({t.num_classes} classes here: pass --new-head to re-initialise the head)"
+                              if k.startswith("head.") else ""))
+        model.load_state_dict({k: v for k, v in state.items() if not is_head(k)}, strict=not new_head)
+        return self._save_imported(model.eval(), t, weights, out, new_head, log)
+
 
 def attacker_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.Tensor:
     """Indices of the attacker's restricted training images: at most `per_class` of each class.

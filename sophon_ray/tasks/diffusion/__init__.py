@@ -241,6 +241,46 @@ class DiffusionTask(Task):
     def suites(self) -> dict[str, tuple[Recipe, ...]]:
         return SUITES_DIFFUSION
 
+    weights_file = "diffusion_pytorch_model.safetensors"
+
+    def import_model(self, weights: str | Path, out: str | Path, *, new_head: bool = False,
+                     log: Log = print) -> Path:
+        """A source model directory from a diffusers `UNet2DModel.save_pretrained` folder
+        (config.json + diffusion_pytorch_model.safetensors) whose config is `cfg.arch`'s."""
+        import json
+
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from sophon_ray.models.diffusion import DIFFUSERS_UNET, unet_config_keys
+        from sophon_ray.tasks.weights import match
+
+        if new_head:
+            raise UserError("--new-head is for classifiers; a UNet has no head")
+        folder = Path(weights)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--weights {folder}: expected a diffusers UNet2DModel folder (config.json + "
+                            f"{self.weights_file}, from save_pretrained)")
+        if not (folder / self.weights_file).is_file():
+            raise UserError(f"{folder}: no {self.weights_file}; save with unet.save_pretrained(dir, "
+                            "safe_serialization=True) (pickled .bin weights are never loaded)")
+        t = self.load_tensors()
+        model = self.new_model(t.num_classes, self.cfg.pretrain.seed)
+        config = json.loads((folder / "config.json").read_text())
+        for key in ("sample_size", "in_channels", "out_channels", *unet_config_keys()):
+            want, got = model.config.get(key), config.get(key, model.config.get(key))
+            if (list(want) if isinstance(want, (list, tuple)) else want) != (list(got) if isinstance(got, (list, tuple)) else got):
+                raise UserError(f"{folder}/config.json: {key}={got!r} but arch {self.cfg.arch.name} has {want!r}; "
+                                f"describe this UNet with --set arch.name={DIFFUSERS_UNET} and its config as arch.kwargs "
+                                "(docs: Protect your own model)")
+        try:
+            state = load_file(str(folder / self.weights_file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{folder / self.weights_file} cannot be read as safetensors ({str(e)[:120]})") from None
+        match(model, state, str(folder / self.weights_file))
+        model.load_state_dict(state)
+        return self._save_imported(model.eval(), t, folder, out, False, log)
+
     def audit_extras(self, audit: dict[str, Any], subjects: dict[str, str | None], out: Path, log: Log = print,
                      enabled: bool = True, judge_dir: str | Path | None = None) -> dict[str, Any]:
         """After a diffusion audit: `sample_report` with the strongest recipe against the protected model,
