@@ -40,6 +40,27 @@ def _allreduce_fn(device: torch.device):
     return allreduce
 
 
+def _device() -> torch.device:
+    """This worker's device: its GPU when Ray Train gave it one (`--gpus-per-worker`), else the CPU."""
+    import ray
+
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _to_device(t: Any, device: torch.device) -> Any:
+    """The run's tensors on `device` (unchanged on the CPU)."""
+    if device.type == "cpu":
+        return t
+    import dataclasses
+
+    splits = ("original_train", "original_test", "restricted_train", "restricted_test")
+    return dataclasses.replace(t, **{k: tuple(x.to(device) for x in getattr(t, k)) for k in splits})
+
+
 def _tensors_from_storage(cfg: Any, run_dir: Path):
     from sophon_ray.data import preprocess, read_parquet
     from sophon_ray.tasks import Tensors
@@ -67,9 +88,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config["threads"]))
     cfg, run_dir = config["cfg"], Path(config["run_dir"])
-    t = _tensors_from_storage(cfg, run_dir)
+    device = _device()
+    t = _to_device(_tensors_from_storage(cfg, run_dir), device)
     model, _ = tasks.load_model(run_dir / "source")
-    device = torch.device("cpu")
+    model.to(device)
     prot = tasks.of(cfg).build_protection(
         model, t, float(config["source_value"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
     )
