@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-slow gpu-check-dry bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/sophon-ray run digits
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## everything but the multi-node cluster tests (< 15 min on 2 cores)
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+test-slow: $(STAMP)  ## the slow tests only, with the two-node Ray cluster tests (~10 min)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or cluster"
+
+gpu-check-dry: $(STAMP)  ## benchmarks/gpu_check.sh's code paths on CPU at tiny sizes
+	OMP_NUM_THREADS=1 OUT=$${OUT:-/tmp/gpu-check} benchmarks/gpu_check.sh --dry-run
 
 test-fast: $(STAMP)  ## unit tests only: no Ray, no MLflow server, under a minute
 	$(BIN)/python -m pytest -q tests/unit

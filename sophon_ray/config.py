@@ -230,7 +230,26 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
+def _frozen(value: Any) -> Any:
+    """Lists (at any depth) as tuples, so a frozen config stays hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+def _nullable(obj: Any, name: str) -> bool:
+    """Whether dataclass field `name` of `obj` is annotated as possibly None (`X | None`)."""
+    f = next((f for f in dataclasses.fields(obj) if f.name == name), None)
+    return f is not None and "None" in str(f.type)
+
+
+def _coerce(value: Any, current: Any, key: str, nullable: bool = False) -> Any:
+    if value is None and (nullable or current is None):
+        return None
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
+        raise UserError(f"--set {key}: expected a {type(current).__name__}, got {value!r}")
     if isinstance(current, bool):
         if not isinstance(value, bool):
             raise UserError(f"--set {key}: expected true/false, got {value!r}")
@@ -242,7 +261,7 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
     if isinstance(current, tuple) and isinstance(value, (list, tuple)):
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if current is None or isinstance(value, type(current)):
-        return value
+        return _frozen(value)
     if isinstance(current, tuple) and not isinstance(value, (list, tuple)):
         return (value,)
     raise UserError(f"--set {key}: expected a {type(current).__name__}, got {value!r}")
@@ -255,11 +274,11 @@ def _replace_path(obj: Any, parts: list[str], value: Any, full: str) -> Any:
         if head not in names:
             raise UserError(f"--set {full}: unknown key {head!r}; valid keys here: {', '.join(names)}")
         cur = getattr(obj, head)
-        new = _replace_path(cur, rest, value, full) if rest else _coerce(value, cur, full)
+        new = _replace_path(cur, rest, value, full) if rest else _coerce(value, cur, full, _nullable(obj, head))
         return dataclasses.replace(obj, **{head: new})
     if isinstance(obj, dict):
         if not rest:
-            return {**obj, head: value}
+            return {**obj, head: _frozen(value)}
         if head not in obj:
             raise UserError(f"--set {full}: unknown key {head!r}; valid keys here: {', '.join(obj)}")
         return {**obj, head: _replace_path(obj[head], rest, value, full)}
@@ -295,7 +314,7 @@ def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
             current = getattr(obj, key)
             if key == "judge" and isinstance(value, dict):
                 current = current or PipelineConfig(name="judge", description="the judge classifier")
-            changes[key] = merge_dict(current, value, path)
+            changes[key] = None if value is None and _nullable(obj, key) else merge_dict(current, value, path)
         return dataclasses.replace(obj, **changes)
     if isinstance(obj, tuple) and obj and dataclasses.is_dataclass(obj[0]) and isinstance(data, list):
         return tuple(merge_dict(type(obj[0])(), item, f"{where}.{i}") for i, item in enumerate(data))

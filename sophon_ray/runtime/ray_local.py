@@ -17,7 +17,7 @@ a setting Ray reads once, when it is imported. `loopback_env()` sets it before R
 (the CLI does this first thing; tests in conftest.py); `local_init_kwargs` passes
 `_node_ip_address="127.0.0.1"` and, should Ray have been imported before (a notebook), turns the
 already-read setting off for this process. `ss -ltn` during a local audit then shows every Ray
-socket on 127.0.0.1 (tests/test_safety.py checks it). Connecting to a cluster changes nothing.
+socket on 127.0.0.1 (tests/integration/test_runtime.py checks it). Connecting to a cluster changes nothing.
 """
 
 from __future__ import annotations

@@ -336,7 +336,11 @@ class Task:
         """What determines a protected model: the protect config (and kind extensions such as
         `diffusion`), the data, the source and the worker count."""
         cfg = self.cfg
-        return config_hash((cfg.protect, cfg.input, cfg.restricted, *extensions(cfg))) + f"-{source_sha[:8]}-w{workers}"
+        return config_hash((cfg.protect, cfg.input, cfg.restricted, *self.protect_extensions())) + f"-{source_sha[:8]}-w{workers}"
+
+    def protect_extensions(self) -> tuple[Any, ...]:
+        """The kind's own settings that change a protected model (default: every extension field)."""
+        return extensions(self.cfg)
 
     def named_metrics(self, m: dict[str, float]) -> dict[str, float]:
         """Protection metrics with the generic `*_metric` keys renamed after the kind's metric."""

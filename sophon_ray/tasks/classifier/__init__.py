@@ -44,6 +44,7 @@ class ClassifierTask(Task):
         from sophon_ray.data import load_domain, preprocess
 
         cfg = self.cfg
+        self.check()  # refuse a bad attacker limit before reading any data
         orig, restr = load_domain(cfg.original), load_domain(cfg.restricted[0])
         if orig.num_classes != restr.num_classes:
             raise UserError(

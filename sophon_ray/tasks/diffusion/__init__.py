@@ -40,6 +40,14 @@ class DiffusionTask(Task):
     default_recipe = Recipe("all", "adam", 1e-3, 16)
     has_samples = True
 
+    def protect_extensions(self) -> tuple[Any, ...]:
+        """What of `cfg.diffusion` changes a protected UNet: the protection's timestep range and
+        the guard's evaluation grid (sampling and the judge are audit-only)."""
+        import dataclasses
+
+        return (dataclasses.replace(self.settings, samples=0, sample_steps=0, sample_seed=0, judge=None,
+                                    judge_classes=()),)
+
     @property
     def settings(self) -> DiffusionConfig:
         """`cfg.diffusion` if the config carries it, else the defaults."""

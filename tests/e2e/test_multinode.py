@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # minutes: `make test-slow`
 
 ITERATIONS = 8  # a checkpoint every iteration (the driver's default: iterations // 10, at least 1)
 

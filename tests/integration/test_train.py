@@ -1,12 +1,10 @@
-"""Distributed protection on a real local Ray cluster: end to end, equivalence, faults, resume."""
+"""Distributed protection on a real local Ray cluster: end to end, equivalence with the local
+protection, a worker crash recovered from a checkpoint, fast failures, checkpoints, the lean
+trainer. (Resuming after Ctrl-C on the driver: tests/e2e/test_signals.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,24 +12,11 @@ import pytest
 import torch
 
 import sophon_ray
-from sophon_ray import jobs
-from sophon_ray.cli import main
+from sophon_ray import tasks
+from sophon_ray.app.cli import main
 from sophon_ray.errors import UserError
 
 NO_BN = ["--set", "arch.kwargs={'width': 8, 'norm': 'none'}"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from sophon_ray.ray_local import local_init_kwargs, shutdown
-    from sophon_ray.train.driver import quiet_ray_env
-
-    quiet_ray_env()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **local_init_kwargs())
-    yield
-    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +40,18 @@ def test_two_workers_end_to_end(ray_local, source, capsys):
     model, card = sophon_ray.load_model(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert card["role"] == "protected" and metrics["iterations"] == 6 and metrics["workers"] == 2
-    assert 0.0 <= metrics["original_test_accuracy"] <= 1.0
+    task = tasks.of(tasks.get_pipeline("digits", smoke=True))
+    t = task.load_tensors()
+    n = len(t.original_test[1])  # the recorded accuracy is the model's (Ray's worker threads may flip a near tie)
+    assert task.original_metric(model, t) == pytest.approx(metrics["original_test_accuracy"], abs=1.5 / n)
     err = capsys.readouterr().err
     assert "protect 6/6" in err and "2 workers" in err  # driver progress lines
-    # Where the wall time went: every phase present, none negative, and together they cover the run.
-    t = metrics["timings"]
+    # Where the wall time went (in the Ray run directory, not in the model's metrics.json): every
+    # phase present, none negative, and together they cover the run.
+    from sophon_ray.train.driver import timings_of
+
+    assert "timings" not in metrics and "seconds" not in metrics
+    t = timings_of(out)
     phases = ["imports", "prepare", "ray_init", "materialise_and_trainer", "to_worker_process", "worker_boot",
               "worker_setup", "loop", "final_report", "shutdown", "finish"]
     assert list(t) == phases and all(v >= -1.0 for v in t.values())  # -1: /proc boot time has 1 s resolution
@@ -67,11 +59,11 @@ def test_two_workers_end_to_end(ray_local, source, capsys):
 
 
 def test_one_and_two_workers_give_the_same_parameters(ray_local, source):
-    cfg = jobs.get_pipeline("digits", smoke=True, overrides=[NO_BN[1], "protect.iterations=3", "protect.guard_margin=1.0"])
+    cfg = tasks.get_pipeline("digits", smoke=True, overrides=[NO_BN[1], "protect.iterations=3", "protect.guard_margin=1.0"])
     src = source / "source_nobn"
     one = _protect(cfg, src, source / "eq1", workers=1)
     two = _protect(cfg, src, source / "eq2", workers=2)
-    local = jobs.protect(cfg, src, source / "eq0", log=lambda m: None)
+    local = tasks.of(cfg).protect(src, source / "eq0", log=lambda m: None)
     m1, card1 = sophon_ray.load_model(one)
     m2, _ = sophon_ray.load_model(two)
     assert card1["lineage"]["environment"]["torch_threads"] == 1  # the Ray worker's (1 CPU), written by rank 0
@@ -84,7 +76,7 @@ def test_one_and_two_workers_give_the_same_parameters(ray_local, source):
 
 
 def test_worker_crash_recovers_from_checkpoint(ray_local, source):
-    cfg = jobs.get_pipeline("digits", smoke=True)
+    cfg = tasks.get_pipeline("digits", smoke=True)
     out = _protect(cfg, source / "source", source / "fault", workers=2, checkpoint_every=2, report_every=1,
                    fault={"iteration": 3, "rank": 1}, max_failures=2)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -95,35 +87,6 @@ def test_worker_crash_recovers_from_checkpoint(ray_local, source):
     # iteration 3 ran (and was reported) twice, iterations 1-2 once
     reported = [json.loads(x)["iteration"] for x in (run_dir / "progress.jsonl").read_text().splitlines()]
     assert reported == [1, 2, 3, 3, 4, 5, 6]
-
-
-@pytest.mark.slow
-def test_resume_after_driver_interrupted(source, tmp_path):
-    out, storage = tmp_path / "prot", tmp_path / "storage"
-    argv = [sys.executable, "-m", "sophon_ray.cli", "protect", "digits", "--smoke", "--source", str(source / "source"),
-            "--out", str(out), "--workers", "1", "--storage-path", str(storage),
-            "--set", "protect.iterations=40", "--set", "protect.guard_every=5"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 120
-    progress = None
-    while time.time() < deadline:
-        found = list(storage.glob("*/checkpoint_*"))
-        if found:
-            progress = found[0].parent / "progress.jsonl"
-            break
-        time.sleep(0.5)
-    assert progress is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C on the driver: it stops and shuts its local Ray down
-    assert proc.wait(timeout=60) != 0
-    assert not out.exists()
-    interrupted_at = max(json.loads(x)["iteration"] for x in progress.read_text().splitlines())
-    assert interrupted_at < 40
-    r = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["iterations"] == 40
-    first = json.loads(progress.read_text().splitlines()[0])["iteration"]
-    assert first > 4  # the resumed run started from a checkpoint, not from iteration 0
 
 
 def test_too_many_workers_fails_fast(source, capsys):
@@ -144,10 +107,10 @@ def test_unreachable_ray_address_fails_fast(source, capsys):
 def test_checkpoint_roundtrip_is_weights_only(tmp_path):
     from sophon_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = jobs.get_pipeline("digits", smoke=True)
-    t = jobs.load_tensors(cfg)
-    a, b = jobs.new_model(cfg, 5, 0), jobs.new_model(cfg, 5, 1)
-    pa, pb = jobs.build_protection(cfg, a, t, 1.0), jobs.build_protection(cfg, b, t, 1.0)
+    task = tasks.of(tasks.get_pipeline("digits", smoke=True))
+    t = task.load_tensors()
+    a, b = task.new_model(5, 0), task.new_model(5, 1)
+    pa, pb = task.build_protection(a, t, 1.0), task.build_protection(b, t, 1.0)
     pa.step()
     save_checkpoint(pa, tmp_path)
     load_checkpoint(pb, tmp_path)
@@ -163,32 +126,16 @@ def test_checkpoint_of_another_version_is_refused_in_one_line(tmp_path):
     """A state.pt holding torch.optim state dicts (sophon-ray before core/optim.py) must not resume."""
     from sophon_ray.train.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = jobs.get_pipeline("digits", smoke=True)
-    t = jobs.load_tensors(cfg)
-    model = jobs.new_model(cfg, 5, 0)
-    prot = jobs.build_protection(cfg, model, t, 1.0)
+    task = tasks.of(tasks.get_pipeline("digits", smoke=True))
+    t = task.load_tensors()
+    model = task.new_model(5, 0)
+    prot = task.build_protection(model, t, 1.0)
     save_checkpoint(prot, tmp_path)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     state["fts"] = torch.optim.Adam(model.parameters(), lr=1e-3).state_dict()
     torch.save(state, tmp_path / "state.pt")
     with pytest.raises(UserError, match="does not fit this protection run.*start without --resume"):
         load_checkpoint(prot, tmp_path)
-
-
-def test_local_shutdown_drops_our_state_api_address(monkeypatch):
-    """A stopped local instance's dashboard address must not leak into later Ray use (it made the
-    e2e test's `ray job list` against another head hang in a full test run)."""
-    from sophon_ray import ray_local
-
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    port = ray_local.local_init_kwargs()["dashboard_port"]
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
-    ray_local.shutdown()  # no Ray running here: ray.shutdown() is a no-op
-    assert "RAY_API_SERVER_ADDRESS" not in os.environ
-    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265")  # the user's own: kept
-    ray_local.local_init_kwargs()
-    ray_local.shutdown()
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.1:8265"
 
 
 def test_lean_trainer_drops_only_the_helper_actors_this_job_cannot_use():

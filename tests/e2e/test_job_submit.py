@@ -7,17 +7,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from sophon_ray.tracking.testing import free_port, mlflow_server
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from tests.support import BIN, ROOT, free_port, mlflow_server
 
 
 @pytest.fixture()

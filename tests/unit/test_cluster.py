@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+from tests.support import ROOT
+
+CLUSTER = ROOT / "cluster"
 
 
 def docs():
