@@ -91,6 +91,9 @@ class ProtectConfig:
     query_every: int = 1  # evaluate the suppression loss after every m-th inner step (and the last); first order
     weighting: str = "uniform"  # inner-step weights of the FTS loss: uniform | linear (step k weighs k)
     order: str = "first"  # "first" | "second"
+    # FTS environments: sequential (default: measured faster on CPU, docs/benchmarks.md) | auto
+    # (torch.func.vmap over environments of one shape where exact, else sequential) | batched
+    env_batching: str = "sequential"
     loss: str = "klu"  # classification: klu | ice-neg (the default ICE form) | ice-comp; diffusion: dos | mse-ascent
     query_batch: int = 64
     ntr_batch: int = 64

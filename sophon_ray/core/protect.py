@@ -20,6 +20,7 @@ import torch
 
 from sophon_ray.config import ProtectConfig
 from sophon_ray.core.inner import Batch, Params, meta_grad_fn, sample_environments, validate_env_space
+from sophon_ray.core.batched import Job, meta_grad_sum
 from sophon_ray.core.objectives import ClassificationObjective
 from sophon_ray.core.optim import OuterAdam
 from sophon_ray.errors import UserError
@@ -45,6 +46,7 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
         (cfg.guard_margin >= 0, "protect.guard_margin must be >= 0"),
         (cfg.query_every >= 1, "protect.query_every must be >= 1"),
         (cfg.weighting in ("uniform", "linear"), "protect.weighting must be uniform or linear"),
+        (cfg.env_batching in ("sequential", "auto", "batched"), "protect.env_batching must be sequential, auto or batched"),
         (cfg.order == "first" or (cfg.query_every == 1 and cfg.weighting == "uniform"),
          "protect.query_every/weighting need protect.order=first"),
     ]
@@ -167,7 +169,6 @@ class Protection:
         params = list(model.parameters())
         self.fts_opt = OuterAdam(params, lr=cfg.alpha)
         self.ntr_opt = OuterAdam(params, lr=cfg.beta)
-        self.meta_grad = meta_grad_fn(cfg.order)
         self.guard = GuardState()
         self.iteration = 0
 
@@ -183,18 +184,15 @@ class Protection:
         )
         self.model.train()
         params: Params = dict(self.model.named_parameters())
-        total: list[torch.Tensor] = [torch.zeros_like(p) for p in params.values()]
-        stats = torch.zeros(3)  # (sum loss, sum metric, count) over this worker's environments
-        for e in range(self.rank, len(envs), self.world):
-            env = envs[e]
-            g = torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e))
-            key = (cfg.seed, it, sub, 2, e)
-            sup = LazyBatches(self.support, env.batch_size, env.steps, (*key, 0), self.make_batch)
-            qry = LazyBatches(self.query, cfg.query_batch, env.steps, (*key, 1), self.make_batch)
-            extra = {"query_every": cfg.query_every, "weighting": cfg.weighting} if cfg.order == "first" else {}
-            grads, st = self.meta_grad(self.model, params, env, sup, qry, self.objective, self.head_keys, g, **extra)
-            torch._foreach_add_(total, list(grads.values()))
-            stats += torch.tensor([st["loss"], st["metric"], 1.0])
+        jobs = [
+            Job(envs[e],
+                LazyBatches(self.support, envs[e].batch_size, envs[e].steps, (cfg.seed, it, sub, 2, e, 0), self.make_batch),
+                LazyBatches(self.query, cfg.query_batch, envs[e].steps, (cfg.seed, it, sub, 2, e, 1), self.make_batch),
+                torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e)))
+            for e in range(self.rank, len(envs), self.world)
+        ]
+        total, stats = meta_grad_sum(self.model, params, jobs, self.objective, self.head_keys, cfg.order,
+                                     cfg.query_every, cfg.weighting, mode=cfg.env_batching)
         torch._foreach_div_(total, float(len(envs)))
         self.allreduce(total + [stats])
         self._apply(self.fts_opt, total)
