@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/sophon-ray run digits
 
 test: $(STAMP)  ## everything but the multi-node cluster tests (< 15 min on 2 cores)
-	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q -m "not cluster" --durations=15
 
 test-slow: $(STAMP)  ## the slow tests only, with the two-node Ray cluster tests (~10 min)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or cluster"

@@ -6,33 +6,18 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from sophon_ray.config import PipelineConfig, apply_overrides
 from sophon_ray.errors import UserError
 from sophon_ray.tasks.base import (
-    ACCURACY, METRICS, MSE, Log, Metric, Metrics, Task, Tensors, head_keys, load_model, metric_named, no_metrics,
+    ACCURACY, METRICS, MSE, TASKS, Log, Metric, Metrics, Task, Tensors, head_keys, load_model, metric_named,
+    no_metrics, task_class,
 )
 
 __all__ = ["ACCURACY", "METRICS", "MSE", "Log", "Metric", "Metrics", "Task", "Tensors", "TASKS", "get_pipeline",
            "head_keys", "load_model", "metric_named", "no_metrics", "of", "task_class", "validate"]
-
-# kind -> "module:Class", imported on first use (the diffusion task pulls in diffusers)
-TASKS: dict[str, str] = {
-    "classifier": "sophon_ray.tasks.classifier:ClassifierTask",
-    "diffusion": "sophon_ray.tasks.diffusion:DiffusionTask",
-}
-
-
-def task_class(kind: Any, where: str = "") -> type[Task]:
-    """The `Task` subclass serving `kind` (UserError for an unknown kind)."""
-    if kind not in TASKS:
-        raise UserError(f"{where or 'model'} has unknown kind {kind!r}; use one of: {', '.join(TASKS)}")
-    module, name = TASKS[kind].split(":")
-    return getattr(importlib.import_module(module), name)
-
 
 def of(cfg: PipelineConfig) -> Task:
     """The task of a pipeline config."""

@@ -10,6 +10,7 @@ string itself; the metric's direction lives in one `Metric` object.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -347,8 +348,21 @@ class Task:
         return {(k[: -len("metric")] + self.metric.name if k.endswith("_metric") else k): v for k, v in m.items()}
 
 
+# kind -> "module:Class", imported on first use (the diffusion task pulls in diffusers)
+TASKS: dict[str, str] = {
+    "classifier": "sophon_ray.tasks.classifier:ClassifierTask",
+    "diffusion": "sophon_ray.tasks.diffusion:DiffusionTask",
+}
+
+
+def task_class(kind: Any, where: str = "") -> type[Task]:
+    """The `Task` subclass serving `kind` (UserError for an unknown kind)."""
+    if kind not in TASKS:
+        raise UserError(f"{where or 'model'} has unknown kind {kind!r}; use one of: {', '.join(TASKS)}")
+    module, name = TASKS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def load_model(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a local model directory of any kind as (module, card), the weights checked against the card."""
-    from sophon_ray.tasks import task_class
-
     return modeldir.load_model(source, lambda card: task_class(card.get("kind")).build_module(card))
