@@ -18,6 +18,7 @@ by their length. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -78,19 +79,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the three rows N times, order reversed every other repeat; medians reported")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra digits config overrides, e.g. protect.envs_per_step=2")
+                    help="extra config overrides, e.g. protect.envs_per_step=2")
+    ap.add_argument("--pipeline", default="digits", help="pipeline (the source is pretrained 50 steps)")
+    ap.add_argument("--batched", action="store_true",
+                    help="add an in-process row with protect.env_batching=auto (vmap over environments)")
     args = ap.parse_args()
-    cfg = tasks.get_pipeline("digits", overrides=[f"protect.iterations={args.iterations}", "protect.guard_every=1000",
-                                                 *args.set])
-    names = ["in-process", "ray 1 worker", "ray 2 workers"]
+    cfg = tasks.get_pipeline(args.pipeline, overrides=[f"protect.iterations={args.iterations}",
+                                                       "protect.guard_every=1000", *args.set])
+    names = ["in-process", "ray 1 worker", "ray 2 workers"] + (["in-process batched"] if args.batched else [])
+    batched_cfg = dataclasses.replace(cfg, protect=dataclasses.replace(cfg.protect, env_batching="auto"))
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        source = tasks.of(tasks.get_pipeline("digits", smoke=True)).pretrain(out / "source", log=lambda m: None)
+        source = tasks.of(tasks.get_pipeline(args.pipeline, overrides=["pretrain.steps=50"])).pretrain(
+            out / "source", log=lambda m: None)
         for rep in range(args.repeats):
             for name in names if rep % 2 == 0 else names[::-1]:
-                if name == "in-process":
-                    r = in_process(cfg, source, args.threads)
+                if name.startswith("in-process"):
+                    r = in_process(batched_cfg if name.endswith("batched") else cfg, source, args.threads)
                 else:
                     r = on_ray(cfg, source, int(name.split()[1]), args.threads, out / f"rep{rep}", args.report_every)
                 per = steady(r["stamps"])

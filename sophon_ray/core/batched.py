@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -196,7 +197,14 @@ def meta_grad_sum(
     """
     total = [torch.zeros_like(p) for p in params.values()]
     stats = torch.zeros(3)
-    for grads, st in meta_grads(model, params, jobs, objective, head_keys, order, query_every, weighting, mode):
+    if mode == "sequential":  # the default: one environment at a time, summed as it goes (memory flat in E)
+        fn = meta_grad_fn(order)
+        extra = {"query_every": query_every, "weighting": weighting} if order == "first" else {}
+        results: Any = (fn(model, params, j.env, j.support, j.query, objective, head_keys, j.generator, **extra)
+                        for j in jobs)
+    else:
+        results = meta_grads(model, params, jobs, objective, head_keys, order, query_every, weighting, mode)
+    for grads, st in results:
         torch._foreach_add_(total, list(grads.values()))
         stats += torch.tensor([st["loss"], st["metric"], 1.0])
     return total, stats
