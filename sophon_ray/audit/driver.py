@@ -200,6 +200,11 @@ def _progress_callback(planner: Any, metric: tasks.Metric, log: Log):
             log(f"audit {self.done}/{planner.total} {c['id']:18s} {got:>7s} | best so far: {best} "
                 f"({time.perf_counter() - self.start:.0f}s)")
 
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            # A signal whose exception was swallowed (raised inside a weakref or library callback
+            # that ignores exceptions) is still recorded: stop at the next step of Tune's loop.
+            interrupts.check()
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self._line(trial, "ok")
 
