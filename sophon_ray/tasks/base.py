@@ -191,6 +191,27 @@ class Task:
         """UserError for a recipe this kind of model cannot take (e.g. a head strategy for a UNet)."""
         raise NotImplementedError
 
+    def _fit_source(self, model: torch.nn.Module, n: int,
+                    loss_of: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+                    log: Log, on_metrics: Metrics) -> None:
+        """The pretraining loop both kinds share: AdamW + cosine over `pretrain.steps` seeded
+        batches of indices into `n` original training items; `loss_of(idx, g)` is the kind's loss."""
+        p = self.cfg.pretrain
+        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
+        g = torch.Generator().manual_seed(p.seed)
+        model.train()
+        for step in range(1, p.steps + 1):
+            loss = loss_of(torch.randint(n, (p.batch_size,), generator=g), g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 10 == 0 or step == p.steps:
+                on_metrics(step, {"train_loss": loss.item()})
+            if step % max(p.steps // 5, 1) == 0 or step == p.steps:
+                log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
+
     def finetune_kwargs(self, t: Tensors, model: torch.nn.Module, seed: int) -> dict[str, Any]:
         """The kind-specific arguments of `core.attack.finetune` (train, evaluate, head_keys[, loss_fn])."""
         raise NotImplementedError

@@ -82,23 +82,10 @@ class ClassifierTask(Task):
         t = self.load_tensors()
         p = cfg.pretrain
         model = self.new_model(t.num_classes, p.seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
-        g = torch.Generator().manual_seed(p.seed)
         x, y = t.original_train
         start = time.perf_counter()
-        model.train()
-        for step in range(1, p.steps + 1):
-            idx = torch.randint(len(x), (p.batch_size,), generator=g)
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 10 == 0 or step == p.steps:
-                on_metrics(step, {"train_loss": loss.item()})
-            if step % max(p.steps // 5, 1) == 0 or step == p.steps:
-                log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
+        self._fit_source(model, len(x), lambda idx, g: torch.nn.functional.cross_entropy(model(x[idx]), y[idx]),
+                         log, on_metrics)
         acc = self.original_metric(model, t)
         log(f"pretrain done: original test accuracy {acc:.4f} ({time.perf_counter() - start:.1f}s)")
         card = self.make_card(t, "source", {"config": to_dict(cfg.pretrain), "stage_hash": self.source_stage_hash()})

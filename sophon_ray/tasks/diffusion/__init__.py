@@ -160,23 +160,10 @@ class DiffusionTask(Task):
         p = cfg.pretrain
         model, sched = self.new_unet(p.seed)
         obj = self.objective(sched.alphas_cumprod)
-        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(p.steps, 1))
-        g = torch.Generator().manual_seed(p.seed)
         x = t.original_train[0]
         start = time.perf_counter()
-        model.train()
-        for step in range(1, p.steps + 1):
-            idx = torch.randint(len(x), (p.batch_size,), generator=g)
-            loss = obj.train_loss(model, obj.make_batch((x[idx],), g))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lr_sched.step()
-            if step % 10 == 0 or step == p.steps:
-                on_metrics(step, {"train_loss": loss.item()})
-            if step % max(p.steps // 5, 1) == 0 or step == p.steps:
-                log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
+        self._fit_source(model, len(x), lambda idx, g: obj.train_loss(model, obj.make_batch((x[idx],), g)),
+                         log, on_metrics)
         metrics = self.model_metrics(model, t)
         log(f"pretrain done: original test MSE {metrics['original_test_mse']:.4f}, "
             f"restricted test MSE {metrics['restricted_test_mse']:.4f} ({time.perf_counter() - start:.1f}s)")
