@@ -165,9 +165,14 @@ class DiffusionConfig:
     judge: a classification config whose model labels generated samples (None: grids only); it is
         trained on the pipeline's own input spec (its `input` is replaced by the pipeline's).
     judge_classes: the judge's labels that count as "recognised as restricted".
+    judge_confidence: a sample counts as a recognised digit only when the judge's top softmax
+        probability reaches this (else it is rejected as "not a digit"); 0 = no rejection.
+    retain: what protection's NTR step keeps on the original domain: "data" (ε-MSE against the
+        drawn noise) or "teacher" (MSE to a frozen copy of the source model's prediction).
     """
 
     t_range: tuple[int, int] | None = None
+    retain: str = "data"
     eval_timesteps: int = 10
     eval_seed: int = 0
     sample_steps: int = 50
@@ -175,6 +180,7 @@ class DiffusionConfig:
     sample_seed: int = 0
     judge: PipelineConfig | None = None
     judge_classes: tuple[int, ...] = ()
+    judge_confidence: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,9 @@ def cmd_samples(args: argparse.Namespace) -> int:
     result = sample_report(task, subjects, out, recipe, steps=args.steps, judge_dir=judge, log=_log)
     for name, row in result["subjects"].items():
         rec = {w: row[w]["recognised"] for w in ("before", "after") if w in row}
-        print(f"{name:10s} restricted MSE after {result['steps']} steps {row['restricted_test_mse']}, recognised {rec}")
+        rej = {w: row[w].get("rejected") for w in ("before", "after") if w in row}
+        print(f"{name:10s} restricted MSE after {result['steps']} steps {row['restricted_test_mse']}, recognised {rec}, "
+              f"rejected as no digit {rej}")
     print(out / "samples.json")
     return 0
 

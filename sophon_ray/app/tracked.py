@@ -131,6 +131,8 @@ def _samples_metrics(out: Path) -> dict[str, float]:
         for when in ("before", "after"):
             if (row.get(when) or {}).get("recognised") is not None:
                 metrics[f"recognised_{subject}_{when}"] = row[when]["recognised"]
+            if (row.get(when) or {}).get("rejected") is not None:
+                metrics[f"rejected_{subject}_{when}"] = row[when]["rejected"]
         if row.get("restricted_test_mse") is not None:
             metrics[f"samples_mse_{subject}"] = row["restricted_test_mse"]
     return metrics

@@ -263,16 +263,18 @@ def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str,
         grid: the Tuner's ResultGrid; planner: the AuditPlanner that planned the trials.
         budgets: the step budgets every ok trial must have reached.
     Returns:
-        [{"id", "subject", "recipe", "seed", "status", "curve"}].
+        [{"id", "subject", "recipe", "seed", "status", "curve"[, "detail"]}] ("detail": the kind's
+        breakdown per budget, e.g. diffusion's timestep buckets).
     """
     by_id = {r.config["id"]: r for r in grid if r.config and "id" in r.config}
     records = []
     for tid, c in planner.planned.items():
         r = by_id.get(tid)
         curve = dict((r.metrics or {}).get("curve") or {}) if r is not None else {}
+        detail = dict((r.metrics or {}).get("detail") or {}) if r is not None else {}
         ok = r is not None and r.error is None and set(curve) == {str(b) for b in budgets}
         records.append({"id": tid, "subject": c["subject"], "recipe": c["recipe"], "seed": c["seed"],
-                        "status": "ok" if ok else "failed", "curve": curve})
+                        "status": "ok" if ok else "failed", "curve": curve, **({"detail": detail} if detail else {})})
     return records
 
 
@@ -314,18 +316,20 @@ def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
 def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float, min_gap: float | None,
              n_explore: int, smoke: bool = False) -> dict[str, Any]:
     """The audit.json dict; planned-but-missing trials count as failed in the verdict."""
-    from sophon_ray.audit.verdict import verdict, worst_case
+    from sophon_ray.audit.verdict import verdict, worst_case, worst_case_detail
 
     metric = tasks.of(plan.cfg).metric
     min_gap = resolve_min_gap(plan.cfg, min_gap)
     failed = sum(t["status"] != "ok" for t in trials) + max(0, expected - len(trials))
     worst = worst_case(trials, metric)
+    detail = worst_case_detail(trials, metric)
     v = verdict(worst, epsilon, metric, failed_trials=failed, min_gap=min_gap)
     s = strength(plan, n_explore, expected, epsilon, min_gap, smoke)
     return {
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
         "metric": metric.name, "attacker_goal": metric.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
-        "worst_case": worst, "verdict": v, "strength": s, "certification": certification(v, s),
+        "worst_case": worst, **({"worst_case_detail": detail} if detail else {}),
+        "verdict": v, "strength": s, "certification": certification(v, s),
     }
 
 
@@ -351,6 +355,11 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
     log(f"\nBest ({metric.superlative}) restricted test {metric.name} an attacker reached ({planner.n_explore} recipes + "
         f"re-runs, {wall:.0f}s):")
     log(table(audit["worst_case"], tuple(audit["budgets"]), metric.digits, v))
+    if audit.get("worst_case_detail"):
+        from sophon_ray.audit.verdict import detail_table
+
+        log(f"\nper timestep bucket (t1 = t 1 only, the paper's protocol; low/mid/high = thirds of the schedule):")
+        log(detail_table(audit["worst_case_detail"], tuple(audit["budgets"]), metric.digits))
     for index, value in planner.ranking("protected")[:3]:
         log(f"  top protected recipe r{index:02d} score {value:.4g} (mean over budgets): "
             f"{recipe_label(planner.recipes[index])}")

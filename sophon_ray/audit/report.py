@@ -230,6 +230,21 @@ def _table_html(audit: dict[str, Any]) -> str:
     return f"<table><tr><th>subject \\ steps</th>{head}</tr>{rows}</table>"
 
 
+def _detail_html(audit: dict[str, Any]) -> str:
+    """The worst case per part of the metric's breakdown (diffusion: timestep buckets), or ""."""
+    detail = audit.get("worst_case_detail")
+    if not detail:
+        return ""
+    budgets = audit["budgets"]
+    head = "".join(f"<th>{b}</th>" for b in budgets)
+    rows = "".join(
+        f"<tr><td>{s} {html.escape(part)}</td>" + "".join(f"<td>{_fmt(audit, c.get(str(b)))}</td>" for b in budgets) + "</tr>"
+        for s in ("original", "scratch", "protected") for part, c in (detail.get(s) or {}).items() if part != "overall")
+    return ("<h2>Per timestep bucket</h2><p>t1 = timestep 1 only (the reference code's protocol); low / mid / high = "
+            "the evaluation grid's timesteps in each third of the schedule; each cell is the best any attack reached "
+            f"on that bucket.</p><table><tr><th>subject bucket \\ steps</th>{head}</tr>{rows}</table>")
+
+
 def _certification_html(audit: dict[str, Any]) -> str:
     cert = audit.get("certification")
     if not cert:
@@ -262,8 +277,13 @@ def _samples_html(path: Path) -> str:
             f"{info['steps']} steps, {info['samples']} samples ({info['sample_steps']} DDPM steps) per grid. ")
     if judge:
         acc = "n/a" if judge.get("test_accuracy") is None else f"{judge['test_accuracy']:.3f}"
-        head += (f"'recognised' = fraction the judge classifier (test accuracy {acc}) labels as a restricted "
-                 f"class {judge['classes']}: higher means the attacker got a working generator of the restricted domain.")
+        conf, noise = judge.get("confidence") or 0.0, judge.get("on_noise") or {}
+        head += (f"'recognised' = fraction the judge classifier (test accuracy {acc}) accepts as a digit (top "
+                 f"probability >= {conf:g}) and labels as a restricted class {judge['classes']}: higher means the "
+                 "attacker got a working generator of the restricted domain; 'rejected' = not accepted as any digit.")
+        if noise:
+            head += (f" On pure noise images the judge rejects {noise.get('rejected', 0):.2f} and calls "
+                     f"{noise.get('recognised', 0):.2f} restricted.")
     else:
         head += "No judge classifier for this pipeline: grids only."
     cells = []
@@ -272,6 +292,7 @@ def _samples_html(path: Path) -> str:
             if when in row:
                 r = row[when]
                 rec = "" if r.get("recognised") is None else f"<br>recognised {r['recognised']:.2f}"
+                rec += "" if r.get("rejected") is None else f", rejected {r['rejected']:.2f}"
                 cells.append(f"<figure style='display:inline-block;margin:4px'><img src='{r['grid']}'>"
                              f"<figcaption>{subject} {when}{rec}</figcaption></figure>")
     return head + "</p>" + "".join(cells)
@@ -313,7 +334,7 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
         f"failed trials: {v['failed_trials']} {html.escape(', '.join(failed[:20]))}</p>"
         f"{_certification_html(audit)}"
         f"<h2>Best attack (restricted test {audit['metric']}, attacker goal {audit['attacker_goal']}: "
-        f"{_metric(audit).direction} is better for the attacker)</h2>{_table_html(audit)}"
+        f"{_metric(audit).direction} is better for the attacker)</h2>{_table_html(audit)}{_detail_html(audit)}"
         f"<h2>Strongest recipes against the protected model (seed 0)</h2>{_top_html(audit, rows)}"
         + "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in images)
         + _samples_html(out / "samples.json")

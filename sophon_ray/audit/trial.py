@@ -13,6 +13,8 @@ original) with one recipe and seed, and calls `ray.tune.report` at every step bu
   every value so far diverged);
 - `curve`: {"<steps>": value} for every budget reached so far (the last report holds all; a
   diverged budget is null: a diverged run gives the attacker nothing);
+- `detail`: {"<steps>": {bucket: value}} where the kind breaks its metric down (diffusion: the
+  denoising MSE per timestep bucket, `core.diffusion.mse_buckets`); empty otherwise;
 - `compute_s`: seconds spent fine-tuning and evaluating so far, measured inside the trial
   (excludes data loading, model loading and the reports themselves), so that
   wall - sum(compute_s) is the audit's scheduling overhead.
@@ -126,7 +128,8 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
     metric = task.metric
     torch.manual_seed(seed)
     state = {"compute": 0.0, "mark": time.perf_counter(), "best": metric.worst,
-             "curve": {}}
+             "curve": {}, "detail": {}}
+    detail: dict[str, float] = {}  # the kind's breakdown of the last evaluation (diffusion: timestep buckets)
 
     def on_budget(steps: int, value: float) -> None:
         state["compute"] += time.perf_counter() - state["mark"]
@@ -134,13 +137,15 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
         if finite:
             state["best"] = metric.better(state["best"], value)
         state["curve"][str(steps)] = value if finite else None
+        if detail:
+            state["detail"][str(steps)] = {k: (v if math.isfinite(v) else None) for k, v in detail.items()}
         values = [v for v in state["curve"].values() if v is not None]
         score = sum(values) / len(values) if values else metric.worst
         tune.report({"steps": steps, "value": value, "best": state["best"], "score": score,
-                     "curve": dict(state["curve"]), "compute_s": state["compute"]})
+                     "curve": dict(state["curve"]), "detail": dict(state["detail"]), "compute_s": state["compute"]})
         state["mark"] = time.perf_counter()
 
     recipe = Recipe(**config["recipe"])
     task.validate_recipe(recipe)
     finetune(model, recipe, budgets=cfg.attack.budgets, seed=seed, on_budget=on_budget,
-             **task.finetune_kwargs(t, model, seed))
+             **task.finetune_kwargs(t, model, seed, detail))

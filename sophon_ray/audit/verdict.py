@@ -42,6 +42,23 @@ def worst_case(trials: list[dict[str, Any]], metric: Metric = ACCURACY) -> dict[
     return out
 
 
+def worst_case_detail(trials: list[dict[str, Any]], metric: Metric = ACCURACY) -> dict[str, dict[str, dict[str, float]]]:
+    """Like `worst_case`, per part of a metric's breakdown (trial "detail", e.g. diffusion's timestep
+    buckets): {subject: {part: {budget: best value any ok trial reached on that part}}}. Each part
+    takes its own best trial, so a row is an envelope, not one attack. Empty when no trial has one."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for t in trials:
+        if t.get("status") != "ok":
+            continue
+        for b, parts in (t.get("detail") or {}).items():
+            for part, v in (parts or {}).items():
+                if v is None:
+                    continue
+                best = out.setdefault(t["subject"], {}).setdefault(part, {})
+                best[str(b)] = v if str(b) not in best else metric.better(best[str(b)], v)
+    return out
+
+
 def _diff(a: dict[str, float], b: dict[str, float], metric: Metric) -> dict[str, float]:
     return {k: metric.advantage(a[k], b[k]) for k in a if k in b}
 
@@ -115,4 +132,18 @@ def table(worst: dict[str, dict[str, float]], budgets: tuple[int, ...], digits: 
         rows.append(row("gap", verdict.get("gap") or {}, f"+.{digits}f"))
         rows.append(row("residual", verdict.get("residual") or {}, f"+.{digits}f"))
         rows.append(row("removed", verdict.get("removed") or {}, ".0%"))
+    return "\n".join(rows)
+
+
+def detail_table(detail: dict[str, dict[str, dict[str, float]]], budgets: tuple[int, ...], digits: int = 3) -> str:
+    """`worst_case_detail` as plain text: one row per subject and part (e.g. "protected t1")."""
+    w = max(8, digits + 5)
+    head = f"{'subject':18s}" + "".join(f"{b:>{w}d}" for b in budgets)
+    rows = [head, "-" * len(head)]
+    for subject in ("original", "scratch", "protected"):
+        for part, values in (detail.get(subject) or {}).items():
+            if part == "overall":
+                continue
+            cells = ("-".rjust(w) if values.get(str(b)) is None else f"{values[str(b)]:.{digits}f}".rjust(w) for b in budgets)
+            rows.append(f"{subject + ' ' + part:18s}" + "".join(cells))
     return "\n".join(rows)

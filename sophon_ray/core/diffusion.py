@@ -69,11 +69,15 @@ class DiffusionObjective:
         loss: the suppression loss on (ε̂, ε): `losses.dos` or `losses.mse_ascent`.
         alphas_cumprod: ā of the noise schedule, (T,).
         t_range: [lo, hi) range of timesteps that `make_batch` draws uniformly (None = whole schedule).
+        teacher: a frozen copy of the source model; when given, the NTR (retain) loss is
+            MSE(ε̂_θ, ε̂_teacher) on original-domain batches (distil the source's own predictions,
+            as ResAlign does) instead of MSE(ε̂_θ, ε) against the drawn noise.
     """
 
     loss: SuppressionLoss
     alphas_cumprod: torch.Tensor
     t_range: tuple[int, int] | None = None
+    teacher: torch.nn.Module | None = None
     _range: tuple[int, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -106,12 +110,31 @@ class DiffusionObjective:
         return self.loss(eps_hat, batch[1]), mse
 
     def train_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """NTR loss on an original-domain objective batch, with the module's own parameters."""
+        """NTR loss on an original-domain objective batch, with the module's own parameters:
+        MSE to the drawn noise, or to the frozen teacher's prediction when there is one."""
+        if self.teacher is None:
+            return F.mse_loss(self.predict(model, None, batch), batch[1])
+        return retain_loss(self.predict(model, None, batch), self.teacher_predict(batch))
+
+    @torch.no_grad()
+    def teacher_predict(self, batch: Batch) -> torch.Tensor:
+        """ε̂ of the frozen teacher (eval mode) for (x0, noise, t)."""
+        assert self.teacher is not None
+        self.teacher.eval()
+        return self.predict(self.teacher, None, batch)
+
+    def fit_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Plain ε-prediction MSE with the module's own parameters (pretraining and attacks)."""
         return F.mse_loss(self.predict(model, None, batch), batch[1])
 
     def loss_fn(self, generator: torch.Generator) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
         """The attack loss for `core.attack.finetune`: noise and timesteps drawn from `generator`."""
-        return lambda model, batch: self.train_loss(model, self.make_batch(batch, generator))
+        return lambda model, batch: self.fit_loss(model, self.make_batch(batch, generator))
+
+
+def retain_loss(eps_hat: torch.Tensor, eps_teacher: torch.Tensor) -> torch.Tensor:
+    """The frozen-teacher retain loss: mean (ε̂_θ - ε̂_teacher)², the teacher side a constant."""
+    return F.mse_loss(eps_hat, eps_teacher.detach())
 
 
 def eval_timesteps(num_timesteps: int, n: int = 10) -> list[int]:
@@ -123,6 +146,43 @@ def eval_timesteps(num_timesteps: int, n: int = 10) -> list[int]:
 
 
 @torch.no_grad()
+def denoising_mse_by_t(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: list[int],
+    seed: int = 0,
+    batch_size: int = 512,
+    first_index: int = 0,
+) -> list[tuple[float, int]]:
+    """Per timestep of `timesteps`: (sum of squared errors, element count) of ε̂ - ε on images `x`.
+
+    Eval mode, no grad; the module's mode is restored. The noise for the j-th timestep is drawn
+    for the whole set from a generator seeded (seed, first_index + j), so a value does not depend
+    on `batch_size` or on which other timesteps are evaluated with it. A non-finite model output
+    makes that timestep's sum NaN/inf.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for j, step in enumerate(timesteps):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + first_index + j)
+            noise = torch.randn(x.shape, generator=g, dtype=x.dtype)  # (N, C, H, W), on CPU
+            total = 0.0
+            for i in range(0, len(x), batch_size):
+                x0 = x[i : i + batch_size]
+                eps = noise[i : i + batch_size].to(x0.device)
+                t = torch.full((len(x0),), step, dtype=torch.long, device=x0.device)
+                res = model(noisy(x0, eps, t, alphas_cumprod), t)
+                eps_hat = res.sample if hasattr(res, "sample") else res
+                total += float((eps_hat.float() - eps.float()).pow(2).sum())
+            out.append((total, noise.numel()))
+    finally:
+        model.train(was_training)
+    return out
+
+
 def denoising_mse(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -133,38 +193,47 @@ def denoising_mse(
 ) -> float:
     """Denoising MSE of `model` on images `x`, averaged over a fixed timestep grid and fixed noise.
 
-    Eval mode, no grad; the module's mode is restored. The noise for timestep j is drawn for the
-    whole set from a generator seeded (seed, j), so the value does not depend on `batch_size`.
-
     Args:
         model: ε-predicting denoiser, `model(x_t, t).sample` (B, C, H, W).
         x: clean images (N, C, H, W) in the model's pixel range.
         alphas_cumprod: ā of the schedule, (T,).
         timesteps: the grid (default `eval_timesteps(T, 10)`).
-        seed: noise seed.
+        seed: noise seed (see `denoising_mse_by_t`).
         batch_size: evaluation batch size.
     Returns:
         mean over timesteps, images and pixels of (ε̂ - ε)²; NaN if the model output is not finite.
     """
     grid = timesteps if timesteps is not None else eval_timesteps(len(alphas_cumprod))
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for j, step in enumerate(grid):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + j)
-            noise = torch.randn(x.shape, generator=g, dtype=x.dtype)  # (N, C, H, W), on CPU
-            for i in range(0, len(x), batch_size):
-                x0 = x[i : i + batch_size]
-                eps = noise[i : i + batch_size].to(x0.device)
-                t = torch.full((len(x0),), step, dtype=torch.long, device=x0.device)
-                out = model(noisy(x0, eps, t, alphas_cumprod), t)
-                eps_hat = out.sample if hasattr(out, "sample") else out
-                total += float((eps_hat.float() - eps.float()).pow(2).sum())
-                count += eps.numel()
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
+    parts = denoising_mse_by_t(model, x, alphas_cumprod, grid, seed, batch_size)
+    return sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)
+
+
+# Timestep buckets the audit reports beside the overall MSE: the paper's protocol (t = 1 only)
+# and thirds of the schedule, each the mean over the evaluation grid's timesteps inside it.
+BUCKETS = ("t1", "low", "mid", "high")
+
+
+def mse_buckets(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: list[int],
+    seed: int = 0,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """{"overall": `denoising_mse` over `timesteps`, "t1": MSE at t = 1, "low"/"mid"/"high": the
+    grid's timesteps in the first/second/last third of the schedule} (a bucket with no grid
+    timestep is left out). "overall" equals `denoising_mse(model, x, alphas_cumprod, timesteps, seed)`;
+    t = 1 uses its own noise (index len(timesteps)), so adding it changes no other value."""
+    n_t = len(alphas_cumprod)
+    parts = denoising_mse_by_t(model, x, alphas_cumprod, [*timesteps, 1], seed, batch_size)
+    grid, (t1_sum, t1_n) = parts[:-1], parts[-1]
+    out = {"overall": sum(s for s, _ in grid) / max(sum(n for _, n in grid), 1), "t1": t1_sum / max(t1_n, 1)}
+    for k, name in enumerate(("low", "mid", "high")):
+        inside = [p for step, p in zip(timesteps, grid) if k * n_t <= 3 * step < (k + 1) * n_t]
+        if inside:
+            out[name] = sum(s for s, _ in inside) / sum(n for _, n in inside)
+    return out
 
 
 @torch.no_grad()
@@ -210,12 +279,29 @@ def sample(
 
 
 @torch.no_grad()
-def class_fraction(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[int, ...]) -> float:
-    """Fraction of images `x` (N, C, H, W) that `classifier` labels as one of `classes` (eval mode)."""
+def judge_samples(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[int, ...],
+                  confidence: float = 0.0) -> dict[str, float]:
+    """What a judge classifier makes of images `x` (N, C, H, W), eval mode, with a rejection option.
+
+    A sample is *rejected* (not a recognisable digit) when the judge's top softmax probability is
+    below `confidence`; only the accepted ones can count as one of `classes`.
+    Returns:
+        {"recognised": fraction accepted AND labelled one of `classes`, "rejected": fraction
+        rejected} (fractions of all N).
+    """
     was_training = classifier.training
     classifier.eval()
     try:
-        pred = classifier(x).argmax(-1)  # (N,)
+        prob = torch.softmax(classifier(x).float(), -1)  # (N, K)
     finally:
         classifier.train(was_training)
-    return float(torch.isin(pred, torch.tensor(classes)).float().mean())
+    top, pred = prob.max(-1)  # (N,), (N,)
+    accepted = top >= confidence
+    hit = accepted & torch.isin(pred, torch.tensor(classes, device=pred.device))
+    return {"recognised": float(hit.float().mean()), "rejected": float((~accepted).float().mean())}
+
+
+@torch.no_grad()
+def class_fraction(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[int, ...]) -> float:
+    """Fraction of images `x` (N, C, H, W) that `classifier` labels as one of `classes` (eval mode)."""
+    return judge_samples(classifier, x, classes)["recognised"]

@@ -195,9 +195,13 @@ class Protection:
                                      cfg.query_every, cfg.weighting, mode=cfg.env_batching)
         torch._foreach_div_(total, float(len(envs)))
         self.allreduce(total + [stats])
-        self._apply(self.fts_opt, total)
         n = max(float(stats[2]), 1.0)
-        return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n}
+        if not all(bool(torch.isfinite(g).all()) for g in total):
+            # a simulated fine-tuning diverged (e.g. SGD at the top of its lr range): no update from
+            # this step, the same decision on every worker (after the all-reduce)
+            return {"fts_loss": float("nan"), "sim_metric": float("nan"), "fts_skipped": 1.0}
+        self._apply(self.fts_opt, total)
+        return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n, "fts_skipped": 0.0}
 
     def ntr_step(self, sub: int = 0) -> dict[str, float]:
         """One Normal Training Reinforcement step on an original-domain batch (data parallel)."""

@@ -1,8 +1,9 @@
 """digits-diffusion: bundled digits as a generation task (DDPM, ε-prediction UNet).
 
 Original domain: digits 0-4; restricted domain: digits 5-9 (the `digits` split: test = i % 5 == 0).
-1 channel, 8x8 -> 16x16 bilinear, pixels in [-1, 1] (mean 0.5, std 0.5). The source model is a
-unet-small (unet-tiny in the smoke config). A UNet has no head, so the simulated environments
+1 channel at the digits' native 8x8 (16x16 upsampling added no information and cost 3.2x per UNet
+step, which put `sophon-ray run` far beyond 20 minutes on 2 cores), pixels in [-1, 1] (mean 0.5,
+std 0.5). The source model is a unet-small (unet-tiny in the smoke config). A UNet has no head, so the simulated environments
 never re-initialise or probe one. The judge, a cnn-small trained on all ten digits with the same
 input spec (`judge_config`, carried as `diffusion.judge`), labels generated samples for the
 "recognised as restricted" metric (`diffusion.judge_classes` = 5-9) after the audit.
@@ -17,14 +18,17 @@ from sophon_ray.config import (
     PipelineConfig, PretrainConfig, ProtectConfig,
 )
 
-INPUT = InputSpec(channels=1, size=16, resize="bilinear", mean=(0.5,), std=(0.5,))
+INPUT = InputSpec(channels=1, size=8, resize="bilinear", mean=(0.5,), std=(0.5,))
 RESTRICTED_DIGITS = (5, 6, 7, 8, 9)  # the judge's labels that count as restricted
 
 
 def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
+    # The simulated attackers match the audit's (suite diffusion-v1): the same optimizer families,
+    # lr ranges and batch sizes, inner paths of 20 steps.
     env = EnvSpace(
-        optimizers=("sgd", "momentum", "adam"),
-        lr={"sgd": (1e-3, 3e-2), "momentum": (1e-4, 3e-3), "adam": (1e-4, 3e-3)},
+        optimizers=("sgd", "momentum", "adam", "rmsprop", "adagrad"),
+        lr={"sgd": (1e-2, 3e-2), "momentum": (1e-3, 3e-3), "adam": (1e-4, 3e-3), "rmsprop": (1e-4, 1e-3),
+            "adagrad": (3e-3, 1e-2)},
         batch_sizes=(16, 32),
         reinit_head_prob=0.0,
         head_only_prob=0.0,
@@ -39,11 +43,12 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
         arch=ArchSpec(name="unet-small"),
         pretrain=PretrainConfig(steps=3000, batch_size=64, lr=1e-3),
         protect=ProtectConfig(
-            iterations=200, envs_per_step=2, inner_steps=5, nl_loop=2, loss="mse-ascent", query_batch=32,
+            iterations=100, envs_per_step=2, inner_steps=20, query_every=4, nl_loop=1, loss="dos", query_batch=32,
             ntr_batch=32, alpha=1e-3, beta=3e-4, clip=0.5, guard_margin=0.10, guard_every=10, env=env,
         ),
         attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
-        diffusion=DiffusionConfig(t_range=(0, 500), judge=judge_config(), judge_classes=RESTRICTED_DIGITS),
+        diffusion=DiffusionConfig(t_range=None, retain="teacher", judge=judge_config(), judge_classes=RESTRICTED_DIGITS,
+                                  judge_confidence=0.9),
     )
     if smoke:
         cfg = dataclasses.replace(

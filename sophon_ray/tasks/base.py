@@ -212,8 +212,11 @@ class Task:
             if step % max(p.steps // 5, 1) == 0 or step == p.steps:
                 log(f"pretrain {step}/{p.steps} loss {loss.item():.4f}")
 
-    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module, seed: int) -> dict[str, Any]:
-        """The kind-specific arguments of `core.attack.finetune` (train, evaluate, head_keys[, loss_fn])."""
+    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module, seed: int,
+                        detail: dict[str, float] | None = None) -> dict[str, Any]:
+        """The kind-specific arguments of `core.attack.finetune` (train, evaluate, head_keys[, loss_fn]).
+        A kind with a finer breakdown of its metric (diffusion: timestep buckets) refills `detail`
+        at every evaluation; the others leave it empty."""
         raise NotImplementedError
 
     def suites(self) -> dict[str, tuple[Recipe, ...]]:

@@ -252,7 +252,8 @@ class Tracker:
         """Log an audit.json dict: verdict metrics, worst case per subject at step = budget, artifacts.
 
         Metrics: `margin`, `epsilon`, `passed` (0/1), `failed_trials`, `trials`, `control_gap`,
-        `min_gap`, `worst_<subject>_<metric>` (e.g. `worst_protected_mse`) and the control
+        `min_gap`, `worst_<subject>_<metric>` (e.g. `worst_protected_mse`), per part of a
+        breakdown `worst_<subject>_<metric>_<part>` (diffusion: `worst_protected_mse_t1`), and the control
         `control_gap|residual|removed` at each budget (step = budget). Tags: `audit_status`
         (passed | inconclusive | failed), `audit_reason`, `audit_certifies`, `audit_passed`,
         `model_sha256`, `audit_metric`, `attacker_goal`. With `out_dir`,
@@ -267,6 +268,12 @@ class Tracker:
         for subject, curve in (audit.get("worst_case") or {}).items():
             for budget, value in sorted((curve or {}).items(), key=lambda kv: int(kv[0])):
                 self.log_metrics({f"worst_{subject}_{metric}": value}, step=int(budget))
+        for subject, parts in (audit.get("worst_case_detail") or {}).items():  # e.g. diffusion timestep buckets
+            for part, curve in parts.items():
+                if part == "overall":
+                    continue
+                for budget, value in sorted((curve or {}).items(), key=lambda kv: int(kv[0])):
+                    self.log_metrics({f"worst_{subject}_{metric}_{part}": value}, step=int(budget))
         for name in ("gap", "residual", "removed"):  # the control, per budget
             for budget, value in sorted((v.get(name) or {}).items(), key=lambda kv: int(kv[0])):
                 self.log_metrics({f"control_{name}": value}, step=int(budget))

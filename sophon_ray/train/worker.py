@@ -10,6 +10,7 @@ checkpoints, progress lines and reports metrics with checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -119,12 +120,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         it = prot.iteration
         done = it == cfg.protect.iterations
         if it % config["report_every"] == 0 or done or it % config["checkpoint_every"] == 0:
-            summary = {k: sum(v) / len(v) for k, v in window.items()}
+            summary = {k: _mean(v) for k, v in window.items()}
             summary.update(iteration=it, seconds=time.perf_counter() - start, world=world)
             window = {}
             _report(prot, summary, rank, progress, it % config["checkpoint_every"] == 0 or done)
     if rank == 0:
         _write_timings(run_dir, entered, ready, time.time())
+
+
+def _mean(values: list[float]) -> float:
+    """Mean of the finite values (a skipped FTS step reports NaN), NaN if there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def _process_start() -> float | None:

@@ -101,15 +101,28 @@ def test_audit_on_ray_tune_minimises_mse_with_report_and_samples(diffusion_model
     for subject, curve in audit["worst_case"].items():  # worst case = the LOWEST MSE any recipe reached
         values = [t["curve"][b] for t in audit["trials"] if t["subject"] == subject for b in ["4"]]
         assert curve["4"] == min(values)
+    # per timestep bucket: every trial reports t1/low/high (grid 250, 750) beside "overall" = the curve
+    for t in audit["trials"]:
+        assert set(t["detail"]) == {"2", "4"} and all(d["overall"] == pytest.approx(t["curve"][b], rel=1e-12)
+                                                      for b, d in t["detail"].items())
+        assert set(t["detail"]["4"]) == {"overall", "t1", "low", "high"}
+    d = audit["worst_case_detail"]
+    assert d["protected"]["t1"]["4"] == min(t["detail"]["4"]["t1"] for t in audit["trials"] if t["subject"] == "protected")
+    assert any("protected t1" in line for line in lines)
     v, w = audit["verdict"], audit["worst_case"]
     assert v["epsilon"] == 0.005 and v["margin"] == pytest.approx(max(w["scratch"][b] - w["protected"][b] for b in w["scratch"]))
     for name in ("report.html", "curves.png", "scatter.png", "original.png", "samples.json"):
         assert (out / name).stat().st_size > 0
     page = (out / "report.html").read_text()
     assert "attacker goal min" in page and "lower is better for the attacker" in page and "recognised" in page
+    assert "Per timestep bucket" in page and "rejected" in page
     samples = json.loads((out / "samples.json").read_text())
     assert set(samples["subjects"]) == set(SUBJECTS) and "before" not in samples["subjects"]["scratch"]
     recognised = samples["subjects"]["protected"]["after"]["recognised"]
     assert recognised * 8 == pytest.approx(round(recognised * 8))  # a fraction of the 8 samples the judge labelled
     assert (out / samples["subjects"]["protected"]["after"]["grid"]).is_file()
     assert samples["judge"]["test_accuracy"] > 0.5 and samples["judge"]["classes"] == [5, 6, 7, 8, 9]
+    # the rejection option: recognised counts only accepted samples; the noise check is recorded
+    after = samples["subjects"]["protected"]["after"]
+    assert 0 <= after["recognised"] <= 1 - after["rejected"] and samples["judge"]["confidence"] == 0.9
+    assert set(samples["judge"]["on_noise"]) == {"recognised", "rejected"}

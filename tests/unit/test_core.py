@@ -240,6 +240,22 @@ def test_fts_step_leaves_batchnorm_statistics_untouched():
     assert any(not torch.equal(v, before[k]) for k, v in model.named_buffers() if "running_mean" in k)
 
 
+def test_a_diverged_simulation_skips_the_fts_update():
+    """An environment whose simulated fine-tuning blows up (SGD at lr 1e30) gives a non-finite
+    meta-gradient: the step changes nothing and says so; a finite step does update."""
+    from sophon_ray.config import EnvSpace
+
+    model = tiny(norm="bn")
+    before = copy.deepcopy(model.state_dict())
+    env = EnvSpace(optimizers=("sgd",), lr={"sgd": (1e30, 1e30)}, batch_sizes=(8,), reinit_head_prob=0.0)
+    m = _protection(model, env=env).fts_step()
+    assert m["fts_skipped"] == 1.0 and math.isnan(m["fts_loss"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    m = _protection(model).fts_step()
+    assert m["fts_skipped"] == 0.0 and math.isfinite(m["fts_loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_guard_rolls_back_and_backs_off():
     model = tiny(norm="bn")
     prot = _protection(model, alpha=1e-2)

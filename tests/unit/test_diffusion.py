@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from sophon_ray.config import ArchSpec, ProtectConfig
 from sophon_ray.core import losses
 from sophon_ray.core.diffusion import (
-    DiffusionObjective, check_images, class_fraction, denoising_mse, eval_timesteps, noisy, sample,
+    DiffusionObjective, check_images, class_fraction, denoising_mse, eval_timesteps, mse_buckets, noisy, retain_loss,
+    sample,
 )
 from sophon_ray.core.inner import Environment, first_order_meta_grad
 from sophon_ray.core.protect import Protection, ProtectData
@@ -60,6 +61,67 @@ def test_objective_matches_reference_formulas(unet, name):
     big = torch.full((2, 3), 10.0, requires_grad=True)
     losses.mse_ascent(big, torch.zeros(2, 3)).backward()
     assert float(losses.mse_ascent(big.detach(), torch.zeros(2, 3))) == -2.0 and big.grad.abs().sum() == 0
+
+
+def test_suppression_and_retain_gradients_on_tiny_tensors():
+    """The three generation losses, formula and gradient by hand on 2x1x2x2 tensors."""
+    eps_hat = torch.tensor([[[[1.0, -2.0], [0.5, 0.0]]], [[[3.0, 1.0], [-1.0, 2.0]]]], requires_grad=True)
+    noise = torch.tensor([[[[0.0, -1.0], [1.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+    n = eps_hat.numel()  # 8
+    # dos = mean ε̂², toward the fixed target 0 (bounded below): d/dε̂ = 2 ε̂ / n
+    dos = losses.dos(eps_hat, noise)
+    assert float(dos) == pytest.approx((1 + 4 + 0.25 + 0 + 9 + 1 + 1 + 4) / n)
+    (g,) = torch.autograd.grad(dos, eps_hat)
+    torch.testing.assert_close(g, 2 * eps_hat.detach() / n)
+    # mse-ascent = -MSE below the bound: d/dε̂ = -2 (ε̂ - ε) / n
+    mse = float(((eps_hat.detach() - noise) ** 2).mean())
+    asc = losses.mse_ascent(eps_hat, noise, bound=10.0)
+    assert float(asc) == pytest.approx(-mse)
+    (g,) = torch.autograd.grad(asc, eps_hat)
+    torch.testing.assert_close(g, -2 * (eps_hat.detach() - noise) / n)
+    # retain = mean (ε̂ - ε̂_teacher)²: d/dε̂ = 2 (ε̂ - ε̂_t) / n, and nothing flows into the teacher
+    teacher = noise.clone().requires_grad_(True)
+    ret = retain_loss(eps_hat, teacher)
+    assert float(ret) == pytest.approx(mse)
+    g, gt = torch.autograd.grad(ret, [eps_hat, teacher], allow_unused=True)
+    torch.testing.assert_close(g, 2 * (eps_hat.detach() - noise) / n)
+    assert gt is None
+
+
+def test_teacher_retain_loss_distils_the_frozen_source(unet):
+    """With a teacher, NTR fits the teacher's prediction: zero loss and zero gradient for the
+    teacher's own weights, the MSE to the teacher's ε̂ for any other weights; attacks still fit ε."""
+    model, sched = unet
+    a = sched.alphas_cumprod
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    obj = DiffusionObjective(losses.dos, a, teacher=teacher)
+    batch = obj.make_batch((images(4, 5),), torch.Generator().manual_seed(6))
+    student = copy.deepcopy(model)
+    loss = obj.train_loss(student, batch)
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    assert float(loss) == 0.0 and all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+    with torch.no_grad():
+        next(student.parameters()).add_(0.05)
+        x_t = noisy(batch[0], batch[1], batch[2], a)
+        ref = F.mse_loss(student(x_t, batch[2]).sample, teacher.eval()(x_t, batch[2]).sample)
+        torch.testing.assert_close(obj.train_loss(student, batch), ref)
+        torch.testing.assert_close(obj.fit_loss(student, batch), F.mse_loss(student(x_t, batch[2]).sample, batch[1]))
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_mse_buckets_split_the_grid_and_add_t1(unet):
+    model, sched = unet
+    a = sched.alphas_cumprod
+    x, grid = images(6, 3), eval_timesteps(1000, 10)
+    b = mse_buckets(model, x, a, grid, seed=1, batch_size=4)
+    assert set(b) == {"overall", "t1", "low", "mid", "high"}
+    # "overall" is the audit's metric itself (batch size changes only float summation order)
+    assert b["overall"] == pytest.approx(denoising_mse(model, x, a, grid, seed=1), rel=1e-6)
+    # low = 50/150/250, mid = 350..650, high = 750/850/950: the first three keep their noise index
+    assert b["low"] == pytest.approx(denoising_mse(model, x, a, grid[:3], seed=1), rel=1e-6)
+    assert b["overall"] == pytest.approx((3 * b["low"] + 4 * b["mid"] + 3 * b["high"]) / 10, rel=1e-9)
+    # t = 1 (the reference code's only timestep) is nearly noise-free: predicting ε there is hardest
+    assert b["t1"] > b["high"] > 0
 
 
 def test_make_batch_honours_timestep_range(unet):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sophon_ray.audit.verdict import headline, verdict
+from sophon_ray.audit.verdict import detail_table, headline, verdict, worst_case_detail
 from sophon_ray.errors import UserError
 from sophon_ray.tasks import ACCURACY, MSE, metric_named
 
@@ -50,6 +50,22 @@ def test_verdict_for_a_minimising_attacker_flips_signs():
     assert v["residual"]["25"] == pytest.approx(-0.01) and v["removed"]["25"] == pytest.approx(1.2)
     w["original"]["25"] = 0.10
     assert verdict(w, 0.005, MSE, min_gap=0.025)["status"] == "inconclusive"
+
+
+def test_worst_case_detail_takes_each_buckets_own_best_over_ok_trials():
+    # two diffusion attacks on the protected model: each bucket takes its own best (lowest) trial;
+    # a failed trial and a diverged (null) bucket give the attacker nothing
+    trials = [
+        {"subject": "protected", "status": "ok", "curve": {"25": 0.30}, "detail": {"25": {"t1": 0.9, "low": 0.2, "high": None}}},
+        {"subject": "protected", "status": "ok", "curve": {"25": 0.35}, "detail": {"25": {"t1": 0.7, "low": 0.4, "high": 0.05}}},
+        {"subject": "protected", "status": "failed", "curve": {}, "detail": {"25": {"t1": 0.01, "low": 0.01}}},
+        {"subject": "scratch", "status": "ok", "curve": {"25": 0.5}},
+    ]
+    d = worst_case_detail(trials, MSE)
+    assert d == {"protected": {"t1": {"25": 0.7}, "low": {"25": 0.2}, "high": {"25": 0.05}}}
+    text = detail_table(d, (25,), 3)
+    assert "protected t1" in text and "0.700" in text and "scratch" not in text.split("\n", 2)[-1]
+    assert worst_case_detail([{"subject": "scratch", "status": "ok", "curve": {"25": 0.5}}], MSE) == {}
 
 
 def test_certification_needs_status_and_the_recorded_minimum():

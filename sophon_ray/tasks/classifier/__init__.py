@@ -122,10 +122,11 @@ class ClassifierTask(Task):
         idx = attacker_subset(y, self.cfg.attack.train_per_class, self.cfg.attack.seed)
         return x[idx], y[idx]
 
-    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module, seed: int) -> dict[str, Any]:
+    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module, seed: int,
+                        detail: dict[str, float] | None = None) -> dict[str, Any]:
         """The classification arguments of `core.attack.finetune`: the attacker's restricted (x, y)
         (`attacker_train`), restricted test accuracy, the model's head (cross-entropy is finetune's
-        default loss)."""
+        default loss). `detail` stays empty (accuracy has no breakdown)."""
         from sophon_ray.core import accuracy
 
         return {

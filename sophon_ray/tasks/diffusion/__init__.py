@@ -46,7 +46,7 @@ class DiffusionTask(Task):
         import dataclasses
 
         return (dataclasses.replace(self.settings, samples=0, sample_steps=0, sample_seed=0, judge=None,
-                                    judge_classes=()),)
+                                    judge_classes=(), judge_confidence=0.0),)
 
     @property
     def settings(self) -> DiffusionConfig:
@@ -64,6 +64,10 @@ class DiffusionTask(Task):
                 f"image size {cfg.input.size} is not divisible by the UNet's down-sampling factor {factor} "
                 f"({cfg.arch.name}); use input.size=<multiple of {factor}>"
             )
+        if self.settings.retain not in ("data", "teacher"):
+            raise UserError(f"diffusion.retain={self.settings.retain!r}: use data or teacher")
+        if not 0.0 <= self.settings.judge_confidence < 1.0:
+            raise UserError("diffusion.judge_confidence must be in [0, 1) (0 = count every sample)")
         judge = self.settings.judge
         if judge is not None and (judge.kind != "classifier" or not self.settings.judge_classes):
             raise UserError("diffusion.judge must be a classifier config (kind=classifier) and diffusion.judge_classes "
@@ -126,14 +130,16 @@ class DiffusionTask(Task):
         check_images(t.restricted_test[0][:1], model.config.in_channels, downsample_factor(cfg.arch), f"pipeline {cfg.name}")
         return model, card
 
-    def objective(self, alphas_cumprod: torch.Tensor, protection: bool = False):
+    def objective(self, alphas_cumprod: torch.Tensor, protection: bool = False,
+                  teacher: torch.nn.Module | None = None):
         """The `DiffusionObjective` of the pipeline (suppression loss `cfg.protect.loss`); timesteps from
-        `diffusion.t_range` for protection, else (pretraining, attacks) from the whole schedule."""
+        `diffusion.t_range` for protection, else (pretraining, attacks) from the whole schedule;
+        `teacher` (the frozen source) makes NTR distil it (`diffusion.retain=teacher`)."""
         from sophon_ray.core.diffusion import DiffusionObjective
         from sophon_ray.core.losses import get_loss
 
         t_range = self.settings.t_range if protection else None
-        return DiffusionObjective(get_loss(self.cfg.protect.loss, self.kind), alphas_cumprod, t_range)
+        return DiffusionObjective(get_loss(self.cfg.protect.loss, self.kind), alphas_cumprod, t_range, teacher)
 
     def mse(self, model: torch.nn.Module, x: torch.Tensor, alphas_cumprod: torch.Tensor) -> float:
         """Denoising MSE of `model` on images `x` over the pipeline's fixed grid and noise seed."""
@@ -142,6 +148,14 @@ class DiffusionTask(Task):
         s = self.settings
         grid = eval_timesteps(len(alphas_cumprod), s.eval_timesteps)
         return denoising_mse(model, x, alphas_cumprod, grid, s.eval_seed, self.cfg.attack.eval_batch)
+
+    def mse_buckets(self, model: torch.nn.Module, x: torch.Tensor, alphas_cumprod: torch.Tensor) -> dict[str, float]:
+        """`core.diffusion.mse_buckets` on the pipeline's grid and noise seed ("overall" is `mse`)."""
+        from sophon_ray.core.diffusion import eval_timesteps, mse_buckets
+
+        s = self.settings
+        grid = eval_timesteps(len(alphas_cumprod), s.eval_timesteps)
+        return mse_buckets(model, x, alphas_cumprod, grid, s.eval_seed, self.cfg.attack.eval_batch)
 
     def original_metric(self, model: torch.nn.Module, t: Tensors) -> float:
         """Original-domain test MSE (the guard's quantity; of the source model: the guard's reference)."""
@@ -162,7 +176,7 @@ class DiffusionTask(Task):
         obj = self.objective(sched.alphas_cumprod)
         x = t.original_train[0]
         start = time.perf_counter()
-        self._fit_source(model, len(x), lambda idx, g: obj.train_loss(model, obj.make_batch((x[idx],), g)),
+        self._fit_source(model, len(x), lambda idx, g: obj.fit_loss(model, obj.make_batch((x[idx],), g)),
                          log, on_metrics)
         metrics = self.model_metrics(model, t)
         log(f"pretrain done: original test MSE {metrics['original_test_mse']:.4f}, "
@@ -174,11 +188,16 @@ class DiffusionTask(Task):
         """The core `Protection` for a diffusion pipeline (shared by local and Ray Train runs).
 
         The guard passes while the original test MSE <= source_value * (1 + protect.guard_margin).
+        With `diffusion.retain=teacher`, a frozen copy of `model` as passed in (the source: Train
+        workers load a checkpoint only after this) is the NTR teacher.
         """
+        import copy
+
         from sophon_ray.core import Protection, ProtectData
 
         alphas = self.scheduler().alphas_cumprod
-        obj = self.objective(alphas, protection=True)
+        teacher = copy.deepcopy(model).requires_grad_(False).eval() if self.settings.retain == "teacher" else None
+        obj = self.objective(alphas, protection=True, teacher=teacher)
         data = ProtectData(original=t.original_train, restricted=t.restricted_train)
         return Protection(
             model, self.cfg.protect, data, obj,
@@ -195,14 +214,24 @@ class DiffusionTask(Task):
             raise UserError(f"strategy {recipe.strategy!r} is for classifiers; a diffusion model takes "
                             f"strategy={'|'.join(DIFFUSION_STRATEGIES)} (e.g. --recipe strategy=all,optimizer=adam,lr=1e-3)")
 
-    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module | None, seed: int) -> dict[str, Any]:
+    def finetune_kwargs(self, t: Tensors, model: torch.nn.Module | None, seed: int,
+                        detail: dict[str, float] | None = None) -> dict[str, Any]:
         """The diffusion arguments of `core.attack.finetune` (train, evaluate, head_keys, loss_fn):
         restricted training images, restricted test MSE, no head, ε-prediction loss over the whole
-        schedule with noise/timesteps from a generator seeded by `seed`."""
+        schedule with noise/timesteps from a generator seeded by `seed`. Every evaluation refills
+        `detail` (when given) with its timestep buckets (`mse_buckets`; "overall" is the value)."""
         alphas = self.scheduler().alphas_cumprod
+
+        def evaluate(m: torch.nn.Module) -> float:
+            if detail is None:
+                return self.mse(m, t.restricted_test[0], alphas)
+            detail.clear()
+            detail.update(self.mse_buckets(m, t.restricted_test[0], alphas))
+            return detail["overall"]
+
         return {
             "train": (t.restricted_train[0],),
-            "evaluate": lambda m: self.mse(m, t.restricted_test[0], alphas),
+            "evaluate": evaluate,
             "head_keys": (),
             "loss_fn": self.objective(alphas).loss_fn(torch.Generator().manual_seed(7919 * seed + 17)),
         }

@@ -68,11 +68,23 @@ def judge(judge_cfg: PipelineConfig, out: str | Path, log: Log = print) -> torch
     return tasks.load_model(judge_task.pretrain(out, log=log))[0]
 
 
-def recognised(judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...]) -> float:
-    """Fraction of `samples` the judge labels as one of `classes` (e.g. the restricted digits)."""
-    from sophon_ray.core.diffusion import class_fraction
+def recognised(judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...],
+               confidence: float = 0.0) -> dict[str, float]:
+    """{"recognised": fraction of `samples` the judge accepts (top probability >= `confidence`) and
+    labels as one of `classes` (e.g. the restricted digits), "rejected": fraction not accepted}."""
+    from sophon_ray.core.diffusion import judge_samples
 
-    return class_fraction(judge_model, samples, classes)
+    return judge_samples(judge_model, samples, classes, confidence)
+
+
+def noise_check(judge_model: torch.nn.Module, shape: tuple[int, int, int], classes: tuple[int, ...],
+                confidence: float, n: int = 256, seed: int = 0) -> dict[str, float]:
+    """The judge on images that are no digit at all (uniform noise in [-1, 1] and Gaussian noise
+    clamped to it): how many it rejects and how many it would still call restricted."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.rand((n // 2, *shape), generator=g) * 2 - 1,
+                   torch.randn((n - n // 2, *shape), generator=g).clamp(-1, 1)])
+    return recognised(judge_model, x, classes, confidence)
 
 
 def _judge_for(task: DiffusionTask, judge_dir: Path, log: Log) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
@@ -82,7 +94,9 @@ def _judge_for(task: DiffusionTask, judge_dir: Path, log: Log) -> tuple[torch.nn
     task.check()
     model = judge(dataclasses.replace(s.judge, input=task.cfg.input), judge_dir, log)  # judges what the UNet draws
     acc = json.loads((judge_dir / "metrics.json").read_text()).get("original_test_accuracy")
-    return model, {"dir": str(judge_dir), "test_accuracy": acc, "classes": list(s.judge_classes)}
+    shape = (task.cfg.input.channels, task.cfg.input.size, task.cfg.input.size)
+    return model, {"dir": str(judge_dir), "test_accuracy": acc, "classes": list(s.judge_classes),
+                   "confidence": s.judge_confidence, "on_noise": noise_check(model, shape, s.judge_classes, s.judge_confidence)}
 
 
 def sample_report(
@@ -95,7 +109,9 @@ def sample_report(
     (default: the largest budget); `diffusion.samples` DDPM samples are drawn from each subject as it is
     (models only, not scratch) and after the attack, saved as PNG grids `samples-<subject>-<before|after>.png`
     and, with a judge (`diffusion.judge`, trained once into `judge_dir`, default `out/judge`), labelled:
-    `recognised` is the fraction the judge assigns to `diffusion.judge_classes` (the restricted classes).
+    `recognised` is the fraction the judge accepts (top probability >= `diffusion.judge_confidence`)
+    and assigns to `diffusion.judge_classes` (the restricted classes), `rejected` the fraction it
+    does not accept as any digit; `judge.on_noise` records the same on pure noise images.
 
     Returns:
         The samples.json dict: recipe, steps, judge, and per subject {"before"|"after": {"grid",
@@ -117,8 +133,9 @@ def sample_report(
     def draw(model: torch.nn.Module, name: str) -> dict[str, Any]:
         images = generate(task, model)  # (n, C, S, S)
         grid = save_grid(cfg, images, out / f"samples-{name}.png").name
-        frac = recognised(judge_model, images, s.judge_classes) if judge_model is not None else None
-        return {"grid": grid, "recognised": frac}
+        if judge_model is None:
+            return {"grid": grid, "recognised": None, "rejected": None}
+        return {"grid": grid, **recognised(judge_model, images, s.judge_classes, s.judge_confidence)}
 
     rows: dict[str, Any] = {}
     for name, src in subjects.items():
@@ -132,7 +149,7 @@ def sample_report(
         rows[name] = row
         judged = "" if judge_model is None else (
             f", recognised as restricted: {row.get('before', {}).get('recognised', float('nan')):.2f} before, "
-            f"{row['after']['recognised']:.2f} after")
+            f"{row['after']['recognised']:.2f} after ({row['after']['rejected']:.2f} rejected as no digit)")
         log(f"samples {name}: {steps} attack steps{judged} ({time.perf_counter() - start:.0f}s)")
     result = {"recipe": dataclasses.asdict(recipe), "steps": steps, "samples": s.samples, "sample_steps": s.sample_steps,
               "judge": judge_info, "subjects": rows}
