@@ -94,6 +94,10 @@ class ProtectConfig:
     # FTS environments: sequential (default: measured faster on CPU, docs/benchmarks.md) | auto
     # (torch.func.vmap over environments of one shape where exact, else sequential) | batched
     env_batching: str = "sequential"
+    # Each simulated fine-tuning draws its support batches from this many restricted images per
+    # class, drawn afresh per environment (an attacker with `attack.train_per_class` images);
+    # None = the whole support pool. Classification only (needs labels).
+    support_per_class: int | None = None
     loss: str = "klu"  # classification: klu | ice-neg (the default ICE form) | ice-comp; diffusion: dos | mse-ascent
     query_batch: int = 64
     ntr_batch: int = 64

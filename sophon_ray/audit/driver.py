@@ -358,7 +358,7 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
     if audit.get("worst_case_detail"):
         from sophon_ray.audit.verdict import detail_table
 
-        log(f"\nper timestep bucket (t1 = t 1 only, the paper's protocol; low/mid/high = thirds of the schedule):")
+        log("\nper timestep bucket (t1 = t 1 only, the paper's protocol; low/mid/high = thirds of the schedule):")
         log(detail_table(audit["worst_case_detail"], tuple(audit["budgets"]), metric.digits))
     for index, value in planner.ranking("protected")[:3]:
         log(f"  top protected recipe r{index:02d} score {value:.4g} (mean over budgets): "

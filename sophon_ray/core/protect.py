@@ -42,6 +42,8 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
         (cfg.alpha > 0 and cfg.beta > 0, "protect.alpha and protect.beta must be > 0"),
         (cfg.clip >= 0, "protect.clip must be >= 0 (0 disables clipping)"),
         (cfg.guard_every >= 1, "protect.guard_every must be >= 1"),
+        (cfg.support_per_class is None or (type(cfg.support_per_class) is int and cfg.support_per_class >= 1),
+         "protect.support_per_class must be a positive integer or None"),
         (0 < cfg.guard_backoff <= 1, "protect.guard_backoff must be in (0, 1]"),
         (cfg.guard_margin >= 0, "protect.guard_margin must be >= 0"),
         (cfg.query_every >= 1, "protect.query_every must be >= 1"),
@@ -77,6 +79,19 @@ class ProtectData:
         n_q = max(1, int(n * QUERY_FRACTION))
         q, s = perm[:n_q], perm[n_q:]
         return tuple(t[s] for t in self.restricted), tuple(t[q] for t in self.restricted)
+
+
+def per_class_subset(y: torch.Tensor, per_class: int, g: torch.Generator) -> torch.Tensor:
+    """Ascending indices of `per_class` images of every class of labels `y` (all of a smaller
+    class), drawn with `g`, classes in ascending order (the draw order is fixed)."""
+    labels = y.cpu()
+    keep = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        keep.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    if not keep:
+        return torch.zeros(0, dtype=torch.int64, device=y.device)
+    return torch.sort(torch.cat(keep)).values.to(y.device)
 
 
 def _draw(pool: tuple[torch.Tensor, ...], n: int, g: torch.Generator) -> Batch:
@@ -186,7 +201,8 @@ class Protection:
         params: Params = dict(self.model.named_parameters())
         jobs = [
             Job(envs[e],
-                LazyBatches(self.support, envs[e].batch_size, envs[e].steps, (cfg.seed, it, sub, 2, e, 0), self.make_batch),
+                LazyBatches(self._support(it, sub, e), envs[e].batch_size, envs[e].steps, (cfg.seed, it, sub, 2, e, 0),
+                            self.make_batch),
                 LazyBatches(self.query, cfg.query_batch, envs[e].steps, (cfg.seed, it, sub, 2, e, 1), self.make_batch),
                 torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e)))
             for e in range(self.rank, len(envs), self.world)
@@ -202,6 +218,15 @@ class Protection:
             return {"fts_loss": float("nan"), "sim_metric": float("nan"), "fts_skipped": 1.0}
         self._apply(self.fts_opt, total)
         return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n, "fts_skipped": 0.0}
+
+    def _support(self, it: int, sub: int, e: int) -> tuple[torch.Tensor, ...]:
+        """Environment e's support pool: all of it, or (`protect.support_per_class`) a fresh seeded
+        draw of that many images per class, the data an attacker with a small budget holds."""
+        n = self.cfg.support_per_class
+        if n is None:
+            return self.support
+        idx = per_class_subset(self.support[1], n, torch.Generator().manual_seed(_seed(self.cfg.seed, it, sub, 2, e, 2)))
+        return tuple(t[idx] for t in self.support)
 
     def ntr_step(self, sub: int = 0) -> dict[str, float]:
         """One Normal Training Reinforcement step on an original-domain batch (data parallel)."""

@@ -43,7 +43,7 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
         arch=ArchSpec(name="unet-small"),
         pretrain=PretrainConfig(steps=3000, batch_size=64, lr=1e-3),
         protect=ProtectConfig(
-            iterations=100, envs_per_step=2, inner_steps=20, query_every=4, nl_loop=1, loss="dos", query_batch=32,
+            iterations=100, envs_per_step=2, inner_steps=20, query_every=4, nl_loop=1, loss="mse-ascent", query_batch=32,
             ntr_batch=32, alpha=1e-3, beta=3e-4, clip=0.5, guard_margin=0.10, guard_every=10, env=env,
         ),
         attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),

@@ -256,6 +256,28 @@ def test_a_diverged_simulation_skips_the_fts_update():
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_support_per_class_gives_each_environment_its_own_small_draw():
+    """protect.support_per_class: every environment's support batches come from N images per class
+    of the support pool, a different seeded draw per environment; None keeps the whole pool."""
+    from sophon_ray.core.protect import per_class_subset
+
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0])
+    idx = per_class_subset(y, 2, torch.Generator().manual_seed(0))
+    assert idx.tolist() == sorted(idx.tolist()) and torch.bincount(y[idx]).tolist() == [2, 2, 2]
+    assert torch.equal(idx, per_class_subset(y, 2, torch.Generator().manual_seed(0)))
+    prot = _protection(tiny(), support_per_class=2)
+    pools = [prot._support(0, 0, e) for e in range(2)]
+    for x, labels in pools:
+        assert len(x) == len(labels) == 2 * len(torch.unique(prot.support[1]))
+        assert torch.bincount(labels).tolist() == [2] * len(torch.unique(prot.support[1]))
+    assert not torch.equal(pools[0][0], pools[1][0])  # a fresh draw per environment
+    assert torch.equal(prot._support(0, 0, 1)[0], pools[1][0])  # ... seeded: the same on every worker
+    assert _protection(tiny())._support(0, 0, 0) is not None and len(_protection(tiny())._support(0, 0, 0)[0]) == 48
+    assert math.isfinite(prot.fts_step()["fts_loss"])
+    with pytest.raises(UserError, match="support_per_class"):
+        _protection(tiny(), support_per_class=0)
+
+
 def test_guard_rolls_back_and_backs_off():
     model = tiny(norm="bn")
     prot = _protection(model, alpha=1e-2)

@@ -176,12 +176,6 @@ def attacker_subset(y: torch.Tensor, per_class: int | None, seed: int) -> torch.
         return torch.arange(len(y), device=y.device)
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise UserError(f"attack.train_per_class must be a positive integer or None, got {per_class!r}")
-    labels = y.cpu()
-    g = torch.Generator().manual_seed(int(seed))
-    keep = []
-    for c in torch.unique(labels).tolist():  # ascending classes: the draw order is fixed
-        members = torch.nonzero(labels == c).flatten()
-        keep.append(members[torch.randperm(len(members), generator=g)[:per_class]])
-    if not keep:
-        return torch.zeros(0, dtype=torch.int64, device=y.device)
-    return torch.sort(torch.cat(keep)).values.to(y.device)
+    from sophon_ray.core.protect import per_class_subset
+
+    return per_class_subset(y, per_class, torch.Generator().manual_seed(int(seed)))
