@@ -153,13 +153,12 @@ def denoising_mse_by_t(
     timesteps: list[int],
     seed: int = 0,
     batch_size: int = 512,
-    first_index: int = 0,
 ) -> list[tuple[float, int]]:
     """Per timestep of `timesteps`: (sum of squared errors, element count) of ε̂ - ε on images `x`.
 
     Eval mode, no grad; the module's mode is restored. The noise for the j-th timestep is drawn
-    for the whole set from a generator seeded (seed, first_index + j), so a value does not depend
-    on `batch_size` or on which other timesteps are evaluated with it. A non-finite model output
+    for the whole set from a generator seeded (seed, j), so a value does not depend on `batch_size`
+    or on the timesteps listed after it. A non-finite model output
     makes that timestep's sum NaN/inf.
     """
     was_training = model.training
@@ -167,7 +166,7 @@ def denoising_mse_by_t(
     out = []
     try:
         for j, step in enumerate(timesteps):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + first_index + j)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + j)
             noise = torch.randn(x.shape, generator=g, dtype=x.dtype)  # (N, C, H, W), on CPU
             total = 0.0
             for i in range(0, len(x), batch_size):
@@ -206,11 +205,6 @@ def denoising_mse(
     grid = timesteps if timesteps is not None else eval_timesteps(len(alphas_cumprod))
     parts = denoising_mse_by_t(model, x, alphas_cumprod, grid, seed, batch_size)
     return sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)
-
-
-# Timestep buckets the audit reports beside the overall MSE: the paper's protocol (t = 1 only)
-# and thirds of the schedule, each the mean over the evaluation grid's timesteps inside it.
-BUCKETS = ("t1", "low", "mid", "high")
 
 
 def mse_buckets(
