@@ -203,7 +203,11 @@ def denoising_mse(
         mean over timesteps, images and pixels of (ε̂ - ε)²; NaN if the model output is not finite.
     """
     grid = timesteps if timesteps is not None else eval_timesteps(len(alphas_cumprod))
-    parts = denoising_mse_by_t(model, x, alphas_cumprod, grid, seed, batch_size)
+    return _pooled(denoising_mse_by_t(model, x, alphas_cumprod, grid, seed, batch_size))
+
+
+def _pooled(parts: list[tuple[float, int]]) -> float:
+    """Mean squared error over (sum, count) parts: total sum / total count."""
     return sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)
 
 
@@ -221,12 +225,12 @@ def mse_buckets(
     t = 1 uses its own noise (index len(timesteps)), so adding it changes no other value."""
     n_t = len(alphas_cumprod)
     parts = denoising_mse_by_t(model, x, alphas_cumprod, [*timesteps, 1], seed, batch_size)
-    grid, (t1_sum, t1_n) = parts[:-1], parts[-1]
-    out = {"overall": sum(s for s, _ in grid) / max(sum(n for _, n in grid), 1), "t1": t1_sum / max(t1_n, 1)}
+    grid = parts[:-1]
+    out = {"overall": _pooled(grid), "t1": _pooled(parts[-1:])}
     for k, name in enumerate(("low", "mid", "high")):
         inside = [p for step, p in zip(timesteps, grid) if k * n_t <= 3 * step < (k + 1) * n_t]
         if inside:
-            out[name] = sum(s for s, _ in inside) / sum(n for _, n in inside)
+            out[name] = _pooled(inside)
     return out
 
 
@@ -294,8 +298,3 @@ def judge_samples(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[i
     hit = accepted & torch.isin(pred, torch.tensor(classes, device=pred.device))
     return {"recognised": float(hit.float().mean()), "rejected": float((~accepted).float().mean())}
 
-
-@torch.no_grad()
-def class_fraction(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[int, ...]) -> float:
-    """Fraction of images `x` (N, C, H, W) that `classifier` labels as one of `classes` (eval mode)."""
-    return judge_samples(classifier, x, classes)["recognised"]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from sophon_ray.config import ArchSpec, ProtectConfig
 from sophon_ray.core import losses
 from sophon_ray.core.diffusion import (
-    DiffusionObjective, check_images, class_fraction, denoising_mse, eval_timesteps, mse_buckets, noisy, retain_loss,
-    sample,
+    DiffusionObjective, check_images, denoising_mse, eval_timesteps, mse_buckets, judge_samples, noisy,
+    retain_loss, sample,
 )
 from sophon_ray.core.inner import Environment, first_order_meta_grad
 from sophon_ray.core.protect import Protection, ProtectData
@@ -193,7 +193,7 @@ def test_sampling_is_seeded_and_bounded(unet):
     with torch.no_grad():
         judge[1].weight.zero_()
         judge[1].bias.copy_(torch.arange(10.0))  # always predicts 9
-    assert class_fraction(judge, s1, (5, 6, 7, 8, 9)) == 1.0 and class_fraction(judge, s1, (0,)) == 0.0
+    assert judge_samples(judge, s1, (5, 6, 7, 8, 9))["recognised"] == 1.0 and judge_samples(judge, s1, (0,))["recognised"] == 0.0
 
 
 def test_check_images_refuses_wrong_channels_and_sizes():
