@@ -17,14 +17,14 @@ from sophon_ray.models.classifiers import check_kwargs
 _ACCEPTED = ("timesteps", "dropout", "mid_attention")
 
 _UNETS: dict[str, dict[str, Any]] = {
-    "unet-tiny": dict(  # tests: ~0.16 M params at 1x16x16
+    "unet-tiny": dict(  # tests: ~0.16 M params (1 channel, any size)
         block_out_channels=(16, 32),
         layers_per_block=1,
         norm_num_groups=8,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     ),
-    "unet-small": dict(  # digits default: ~0.65 M params at 1x16x16
+    "unet-small": dict(  # digits default: 0.65 M params (1 channel, any size)
         block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=8,

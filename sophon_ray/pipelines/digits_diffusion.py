@@ -64,7 +64,7 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
 
 
 def judge_config(smoke: bool = False) -> PipelineConfig:
-    """The judge: a cnn-small classifier of all ten digits on the same 16x16 [-1, 1] inputs."""
+    """The judge: a cnn-small classifier of all ten digits on the same 8x8 [-1, 1] inputs."""
     ten = DomainSpec(source="digits")
     cfg = PipelineConfig(
         name="digits-diffusion-judge",

@@ -17,8 +17,8 @@ restricted-domain data; the attacker's images are a subset of it).
 attacker the whole split; `--set` cannot turn an int field back into None).
 
 Budgets run to 400 steps, long enough for training from scratch on the attacker's data to
-converge. Measured (default-v1, 105 of 126 trials): the unprotected source beats scratch by +0.500
-at 10 steps, +0.211 at 25 and +0.039 at 400 (scratch 0.925 at 400); docs/results.md.
+converge. Measured (default-v1 + seeded `--search 64`, 140 trials): the unprotected source beats
+scratch by +0.500 at 10 steps, +0.211 at 25 and +0.036 at 400 (scratch 0.933 at 400); docs/results.md.
 """
 
 from __future__ import annotations
