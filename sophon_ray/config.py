@@ -171,6 +171,8 @@ class DiffusionConfig:
     judge_classes: the judge's labels that count as "recognised as restricted".
     judge_confidence: a sample counts as a recognised digit only when the judge's top softmax
         probability reaches this (else it is rejected as "not a digit"); 0 = no rejection.
+    judge_none_class: the judge's label for "no digit" (a class of non-digit images in its
+        training data, e.g. digits' `none_class` option); a sample it labels so is rejected.
     retain: what protection's NTR step keeps on the original domain: "data" (ε-MSE against the
         drawn noise) or "teacher" (MSE to a frozen copy of the source model's prediction).
     """
@@ -185,6 +187,7 @@ class DiffusionConfig:
     judge: PipelineConfig | None = None
     judge_classes: tuple[int, ...] = ()
     judge_confidence: float = 0.0
+    judge_none_class: int | None = None
 
 
 @dataclass(frozen=True)

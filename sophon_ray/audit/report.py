@@ -278,9 +278,10 @@ def _samples_html(path: Path) -> str:
     if judge:
         acc = "n/a" if judge.get("test_accuracy") is None else f"{judge['test_accuracy']:.3f}"
         conf, noise = judge.get("confidence") or 0.0, judge.get("on_noise") or {}
+        none = "" if judge.get("none_class") is None else f", label not its 'no digit' class {judge['none_class']}"
         head += (f"'recognised' = fraction the judge classifier (test accuracy {acc}) accepts as a digit (top "
-                 f"probability >= {conf:g}) and labels as a restricted class {judge['classes']}: higher means the "
-                 "attacker got a working generator of the restricted domain; 'rejected' = not accepted as any digit.")
+                 f"probability >= {conf:g}{none}) and labels as a restricted class {judge['classes']}: higher means "
+                 "the attacker got a working generator of the restricted domain; 'rejected' = not accepted as any digit.")
         if noise:
             head += (f" On pure noise images the judge rejects {noise.get('rejected', 0):.2f} and calls "
                      f"{noise.get('recognised', 0):.2f} restricted.")

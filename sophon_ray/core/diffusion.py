@@ -278,11 +278,12 @@ def sample(
 
 @torch.no_grad()
 def judge_samples(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[int, ...],
-                  confidence: float = 0.0) -> dict[str, float]:
+                  confidence: float = 0.0, none_class: int | None = None) -> dict[str, float]:
     """What a judge classifier makes of images `x` (N, C, H, W), eval mode, with a rejection option.
 
     A sample is *rejected* (not a recognisable digit) when the judge's top softmax probability is
-    below `confidence`; only the accepted ones can count as one of `classes`.
+    below `confidence` or its label is `none_class` (the judge's "no digit" class, if it has one);
+    only the accepted ones can count as one of `classes`.
     Returns:
         {"recognised": fraction accepted AND labelled one of `classes`, "rejected": fraction
         rejected} (fractions of all N).
@@ -294,7 +295,7 @@ def judge_samples(classifier: torch.nn.Module, x: torch.Tensor, classes: tuple[i
     finally:
         classifier.train(was_training)
     top, pred = prob.max(-1)  # (N,), (N,)
-    accepted = top >= confidence
+    accepted = (top >= confidence) & (pred != (-1 if none_class is None else none_class))
     hit = accepted & torch.isin(pred, torch.tensor(classes, device=pred.device))
     return {"recognised": float(hit.float().mean()), "rejected": float((~accepted).float().mean())}
 

@@ -75,12 +75,52 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
+_DIGITS_DEFAULTS: dict[str, Any] = {"none_class": False}
+NONE_KINDS = ("uniform", "gaussian", "shuffled", "blob")  # the kinds of `_not_digits` images, in order
+
+
+def _none_class(spec: DomainSpec) -> bool:
+    flag = _options(spec, _DIGITS_DEFAULTS)["none_class"]
+    if not isinstance(flag, bool):
+        raise UserError(f"digits option none_class must be true or false, got {flag!r}")
+    return flag
+
+
+def _not_digits(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` seeded images that are no digit, shaped and scaled like `x` (N, H, W, C) uint8: equal
+    shares of uniform noise, Gaussian noise around mid-grey, real digits with their pixels
+    shuffled (a digit's ink, no shape) and smooth random blobs (4x4 noise upsampled)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w, c = x.shape[1:]
+    kinds = torch.arange(n) % len(NONE_KINDS)
+    out = torch.empty((n, c, h, w))
+    k = int((kinds == 0).sum())
+    out[kinds == 0] = torch.rand((k, c, h, w), generator=g)
+    k = int((kinds == 1).sum())
+    out[kinds == 1] = (0.5 + 0.25 * torch.randn((k, c, h, w), generator=g)).clamp(0, 1)
+    k = int((kinds == 2).sum())
+    src = torch.as_tensor(x[torch.randint(len(x), (k,), generator=g).numpy()]).permute(0, 3, 1, 2).float() / 255
+    order = torch.argsort(torch.rand((k, c, h * w), generator=g), dim=-1)
+    out[kinds == 2] = src.reshape(k, c, h * w).gather(-1, order).reshape(k, c, h, w)
+    k = int((kinds == 3).sum())
+    coarse = torch.rand((k, c, 4, 4), generator=g)
+    out[kinds == 3] = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()  # (n, H, W, C)
+
+
 def _digits(spec: DomainSpec) -> Loaded:
-    _options(spec, {})
+    """scikit-learn's digits (test = every 5th image). Option `none_class=True` adds label 10, "no
+    digit": twice a class's share of `_not_digits` images per split (for a judge that can reject)."""
+    none_class = _none_class(spec)
     images, target = _digits_arrays()
     x = np.rint(images * 255.0 / 16.0).clip(0, 255).astype(np.uint8)[..., None]  # (N, 8, 8) -> (N, 8, 8, 1)
     test = np.arange(len(x)) % 5 == 0
-    return _images(x[~test], target[~test]), _images(x[test], target[test]), 10
+    splits = [(x[~test], target[~test]), (x[test], target[test])]
+    if none_class:
+        splits = [(np.concatenate([xs, _not_digits(xs, 2 * (len(xs) // 10), seed)]),
+                   np.concatenate([ys, np.full(2 * (len(xs) // 10), 10, dtype=np.int64)]))
+                  for seed, (xs, ys) in enumerate(splits)]
+    return _images(*splits[0]), _images(*splits[1]), 11 if none_class else 10
 
 
 _MNIST5K_TEST_PER_CLASS = 100  # of the 500 images of each class: a stratified 80/20 split
@@ -272,7 +312,8 @@ def available_sources() -> list[str]:
     return list(_SOURCES)
 
 
-_OPTIONS: dict[str, dict[str, Any]] = {"synthetic": _SYNTHETIC_DEFAULTS, "imagefolder": _IMAGEFOLDER_DEFAULTS}
+_OPTIONS: dict[str, dict[str, Any]] = {"synthetic": _SYNTHETIC_DEFAULTS, "imagefolder": _IMAGEFOLDER_DEFAULTS,
+                                       "digits": _DIGITS_DEFAULTS}
 _KNOWN_CLASSES: dict[str, int] = {"digits": 10, "mnist5k": 10, **{name: v[3] for name, v in _TORCHVISION.items()}}
 
 
@@ -296,6 +337,8 @@ def check_spec(spec: DomainSpec) -> int | None:
                 raise UserError(f"{spec.source} has no split {split!r}; use one of {', '.join(splits)} "
                                 "for train_split/test_split")
     known = int(options["num_classes"]) if spec.source == "synthetic" else _KNOWN_CLASSES.get(spec.source)
+    if spec.source == "digits" and _none_class(spec):
+        known = 11
     if spec.classes is None:
         return known
     classes = tuple(int(c) for c in spec.classes)
@@ -341,6 +384,8 @@ def load_domain(spec: DomainSpec) -> Domain:
         name += f":{Path(spec.root).name}"
     elif spec.source == "synthetic" or (spec.source == "mnist5k" and spec.seed != 0):
         name += f":seed{spec.seed}"  # mnist5k: the seed picks the test split
+    elif spec.source == "digits" and spec.options.get("none_class"):
+        name += "+none"
     for split, im in (("train", train), ("test", test)):
         if len(im) and int(im.y.min()) < 0:
             raise UserError(f"{name} {split} has negative labels; labels must be 0..num_classes-1")

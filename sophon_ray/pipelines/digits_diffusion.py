@@ -4,7 +4,7 @@ Original domain: digits 0-4; restricted domain: digits 5-9 (the `digits` split: 
 1 channel at the digits' native 8x8 (16x16 upsampling added no information and cost 3.2x per UNet
 step, which put `sophon-ray run` far beyond 20 minutes on 2 cores), pixels in [-1, 1] (mean 0.5,
 std 0.5). The source model is a unet-small (unet-tiny in the smoke config). A UNet has no head, so the simulated environments
-never re-initialise or probe one. The judge, a cnn-small trained on all ten digits with the same
+never re-initialise or probe one. The judge, a cnn-small trained on all ten digits and a "no digit" class with the same
 input spec (`judge_config`, carried as `diffusion.judge`), labels generated samples for the
 "recognised as restricted" metric (`diffusion.judge_classes` = 5-9) after the audit.
 """
@@ -20,6 +20,7 @@ from sophon_ray.config import (
 
 INPUT = InputSpec(channels=1, size=8, resize="bilinear", mean=(0.5,), std=(0.5,))
 RESTRICTED_DIGITS = (5, 6, 7, 8, 9)  # the judge's labels that count as restricted
+NONE = 10  # the judge's "no digit" label (digits' none_class option)
 
 
 def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
@@ -48,7 +49,7 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
         ),
         attack=AttackConfig(budgets=(25, 50, 100, 200, 400)),
         diffusion=DiffusionConfig(t_range=None, retain="teacher", judge=judge_config(), judge_classes=RESTRICTED_DIGITS,
-                                  judge_confidence=0.9),
+                                  judge_confidence=0.9, judge_none_class=NONE),
     )
     if smoke:
         cfg = dataclasses.replace(
@@ -64,11 +65,12 @@ def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
 
 
 def judge_config(smoke: bool = False) -> PipelineConfig:
-    """The judge: a cnn-small classifier of all ten digits on the same 8x8 [-1, 1] inputs."""
-    ten = DomainSpec(source="digits")
+    """The judge: a cnn-small classifier of all ten digits plus "no digit" (label `NONE`: noise,
+    shuffled-pixel digits, smooth blobs) on the same 8x8 [-1, 1] inputs."""
+    ten = DomainSpec(source="digits", options={"none_class": True})
     cfg = PipelineConfig(
         name="digits-diffusion-judge",
-        description="digit classifier (0-9) that labels generated samples",
+        description="digit classifier (0-9 and 10 = no digit) that labels generated samples",
         kind="classifier",
         input=INPUT,
         original=ten,

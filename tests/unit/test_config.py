@@ -241,7 +241,7 @@ def test_defaults_are_the_documented_ones():
 def test_protect_stage_hash_ignores_audit_only_diffusion_settings():
     """Sampling and the judge are audit-only: changing them must not re-protect in `run`."""
     task = tasks.of(PIPELINES["digits-diffusion"].get_config(smoke=True))
-    for item in ("diffusion.samples=3", "diffusion.sample_steps=7", "diffusion.judge_classes=[1]"):
+    for item in ("diffusion.samples=3", "diffusion.sample_steps=7", "diffusion.judge_classes=[1]", "diffusion.judge_none_class=None"):
         other = tasks.of(apply_overrides(task.cfg, [item]))
         assert other.protect_stage_hash("ab" * 32, 0) == task.protect_stage_hash("ab" * 32, 0), item
     moved = tasks.of(apply_overrides(task.cfg, ["diffusion.eval_timesteps=5"]))

@@ -53,6 +53,29 @@ def test_digits_classes_relabel():
     assert len(d.train) + len(d.test) == int((full.train.y >= 5).sum() + (full.test.y >= 5).sum())
 
 
+def test_digits_none_class():
+    """none_class=True appends label 10 ("no digit"): twice a class's share per split, seeded, the
+    four kinds in turn; the digits themselves are unchanged."""
+    from sophon_ray.data.sources import NONE_KINDS, check_spec
+
+    plain = load_domain(DomainSpec(source="digits"))
+    spec = DomainSpec(source="digits", options={"none_class": True})
+    d, again = load_domain(spec), load_domain(spec)
+    assert d.name == "digits+none" and d.num_classes == 11 == check_spec(spec)
+    assert (len(d.train), len(d.test)) == (1437 + 286, 360 + 72)
+    for sub, raw in ((d.train, plain.train), (d.test, plain.test)):
+        assert torch.equal(sub.x[: len(raw)], raw.x) and torch.equal(sub.y[: len(raw)], raw.y)
+        none = sub.x[len(raw):]
+        assert (sub.y[len(raw):] == 10).all() and none.dtype == torch.uint8 and none.shape[1:] == (8, 8, 1)
+        shuffled = none[NONE_KINDS.index("shuffled")::len(NONE_KINDS)].float()
+        assert shuffled.flatten(1).std(1).min() > 0  # ink from real digits, shape gone
+    assert torch.equal(d.train.x, again.train.x) and not torch.equal(d.train.x[1437:1437 + 72], d.test.x[360:])
+    with pytest.raises(UserError, match="none_class must be true or false"):
+        load_domain(DomainSpec(source="digits", options={"none_class": "yes"}))
+    with pytest.raises(UserError, match="no option"):
+        load_domain(DomainSpec(source="digits", options={"nones": True}))
+
+
 def test_classes_errors():
     with pytest.raises(UserError, match="0..9"):
         load_domain(DomainSpec(source="digits", classes=(3, 10)))

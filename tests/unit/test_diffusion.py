@@ -196,6 +196,18 @@ def test_sampling_is_seeded_and_bounded(unet):
     assert judge_samples(judge, s1, (5, 6, 7, 8, 9))["recognised"] == 1.0 and judge_samples(judge, s1, (0,))["recognised"] == 0.0
 
 
+def test_judge_none_class_rejects():
+    """A sample the judge labels as its "no digit" class is rejected, whatever its confidence."""
+    judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 11))
+    with torch.no_grad():
+        judge[1].weight.zero_()
+        judge[1].weight[10, 0] = 10.0  # x > 0: "no digit" (label 10); x < 0: label 9, both confident
+        judge[1].weight[9, 0] = -10.0
+    x = torch.tensor([1.0, 2.0, -1.0, -2.0]).view(4, 1, 1, 1)
+    assert judge_samples(judge, x, (5, 6, 7, 8, 9), 0.9) == {"recognised": 0.5, "rejected": 0.0}  # 10 is just a label
+    assert judge_samples(judge, x, (5, 6, 7, 8, 9), 0.9, none_class=10) == {"recognised": 0.5, "rejected": 0.5}
+
+
 def test_check_images_refuses_wrong_channels_and_sizes():
     with pytest.raises(UserError, match="has 3 channels but the UNet takes 1"):
         check_images(torch.zeros(1, 3, 8, 8), 1, 2)

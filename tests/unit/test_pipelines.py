@@ -72,6 +72,8 @@ def test_config_binds_to_builders_without_data(name, smoke):
         if judge is not None:  # the judge labels samples of this pipeline: same input, and knows the classes
             assert judge.kind == "classifier" and judge.input == cfg.input and cfg.diffusion.judge_classes
             assert max(cfg.diffusion.judge_classes) < _classes(judge)
+            none = cfg.diffusion.judge_none_class
+            assert none is None or (none < _classes(judge) and none not in cfg.diffusion.judge_classes)
             _check_model(judge, _classes(judge))
 
 
@@ -100,3 +102,15 @@ def test_spec_checks_name_the_fix():
         check_spec(DomainSpec(source="cifar10", test_split="val"))
     with pytest.raises(UserError, match="labels 0..9"):
         check_spec(DomainSpec(source="digits", classes=(3, 10)))
+
+
+def test_judge_none_class_is_checked():
+    """diffusion.judge_none_class must be one of the judge's labels and not a restricted one."""
+    from sophon_ray.errors import UserError
+
+    cfg = PIPELINES["digits-diffusion"].get_config(smoke=True)
+    assert cfg.diffusion.judge_none_class == 10
+    tasks.of(apply_overrides(cfg, ["diffusion.judge_none_class=None"])).check()
+    for bad in ("5", "11", "-1"):
+        with pytest.raises(UserError, match="judge_none_class"):
+            tasks.of(apply_overrides(cfg, [f"diffusion.judge_none_class={bad}"])).check()

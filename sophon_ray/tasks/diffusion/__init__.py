@@ -46,7 +46,7 @@ class DiffusionTask(Task):
         import dataclasses
 
         return (dataclasses.replace(self.settings, samples=0, sample_steps=0, sample_seed=0, judge=None,
-                                    judge_classes=(), judge_confidence=0.0),)
+                                    judge_classes=(), judge_confidence=0.0, judge_none_class=None),)
 
     @property
     def settings(self) -> DiffusionConfig:
@@ -55,6 +55,7 @@ class DiffusionTask(Task):
 
     def check(self) -> None:
         """UserError for an image size the UNet cannot take, or a judge that cannot label samples."""
+        from sophon_ray.data.sources import check_spec
         from sophon_ray.models import downsample_factor
 
         cfg = self.cfg
@@ -75,6 +76,11 @@ class DiffusionTask(Task):
         if judge is not None and (judge.kind != "classifier" or not self.settings.judge_classes):
             raise UserError("diffusion.judge must be a classifier config (kind=classifier) and diffusion.judge_classes "
                             "the judge's labels that count as restricted (e.g. [5,6,7,8,9])")
+        none = self.settings.judge_none_class
+        labels = None if judge is None else check_spec(judge.original) if judge.original.classes is None else len(judge.original.classes)
+        if none is not None and (judge is None or none in self.settings.judge_classes or not 0 <= none < (labels or none + 1)):
+            raise UserError(f"diffusion.judge_none_class={none} must be a label of the judge's that is not one of "
+                            "diffusion.judge_classes (e.g. 10 for a digits judge with none_class=true), or null")
 
     @staticmethod
     def build_module(card: dict[str, Any]) -> torch.nn.Module:

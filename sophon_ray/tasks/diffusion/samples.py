@@ -69,22 +69,23 @@ def judge(judge_cfg: PipelineConfig, out: str | Path, log: Log = print) -> torch
 
 
 def recognised(judge_model: torch.nn.Module, samples: torch.Tensor, classes: tuple[int, ...],
-               confidence: float = 0.0) -> dict[str, float]:
-    """{"recognised": fraction of `samples` the judge accepts (top probability >= `confidence`) and
-    labels as one of `classes` (e.g. the restricted digits), "rejected": fraction not accepted}."""
+               confidence: float = 0.0, none_class: int | None = None) -> dict[str, float]:
+    """{"recognised": fraction of `samples` the judge accepts (top probability >= `confidence`, label
+    not `none_class`) and labels as one of `classes` (e.g. the restricted digits), "rejected":
+    fraction not accepted}."""
     from sophon_ray.core.diffusion import judge_samples
 
-    return judge_samples(judge_model, samples, classes, confidence)
+    return judge_samples(judge_model, samples, classes, confidence, none_class)
 
 
 def noise_check(judge_model: torch.nn.Module, shape: tuple[int, int, int], classes: tuple[int, ...],
-                confidence: float, n: int = 256, seed: int = 0) -> dict[str, float]:
+                confidence: float, none_class: int | None = None, n: int = 256, seed: int = 0) -> dict[str, float]:
     """The judge on images that are no digit at all (uniform noise in [-1, 1] and Gaussian noise
     clamped to it): how many it rejects and how many it would still call restricted."""
     g = torch.Generator().manual_seed(seed)
     x = torch.cat([torch.rand((n // 2, *shape), generator=g) * 2 - 1,
                    torch.randn((n - n // 2, *shape), generator=g).clamp(-1, 1)])
-    return recognised(judge_model, x, classes, confidence)
+    return recognised(judge_model, x, classes, confidence, none_class)
 
 
 def _judge_for(task: DiffusionTask, judge_dir: Path, log: Log) -> tuple[torch.nn.Module | None, dict[str, Any] | None]:
@@ -96,7 +97,8 @@ def _judge_for(task: DiffusionTask, judge_dir: Path, log: Log) -> tuple[torch.nn
     acc = json.loads((judge_dir / "metrics.json").read_text()).get("original_test_accuracy")
     shape = (task.cfg.input.channels, task.cfg.input.size, task.cfg.input.size)
     return model, {"dir": str(judge_dir), "test_accuracy": acc, "classes": list(s.judge_classes),
-                   "confidence": s.judge_confidence, "on_noise": noise_check(model, shape, s.judge_classes, s.judge_confidence)}
+                   "confidence": s.judge_confidence, "none_class": s.judge_none_class,
+                   "on_noise": noise_check(model, shape, s.judge_classes, s.judge_confidence, s.judge_none_class)}
 
 
 def sample_report(
@@ -109,8 +111,8 @@ def sample_report(
     (default: the largest budget); `diffusion.samples` DDPM samples are drawn from each subject as it is
     (models only, not scratch) and after the attack, saved as PNG grids `samples-<subject>-<before|after>.png`
     and, with a judge (`diffusion.judge`, trained once into `judge_dir`, default `out/judge`), labelled:
-    `recognised` is the fraction the judge accepts (top probability >= `diffusion.judge_confidence`)
-    and assigns to `diffusion.judge_classes` (the restricted classes), `rejected` the fraction it
+    `recognised` is the fraction the judge accepts (top probability >= `diffusion.judge_confidence`,
+    label not `diffusion.judge_none_class`) and assigns to `diffusion.judge_classes` (the restricted classes), `rejected` the fraction it
     does not accept as any digit; `judge.on_noise` records the same on pure noise images.
 
     Returns:
@@ -135,7 +137,7 @@ def sample_report(
         grid = save_grid(cfg, images, out / f"samples-{name}.png").name
         if judge_model is None:
             return {"grid": grid, "recognised": None, "rejected": None}
-        return {"grid": grid, **recognised(judge_model, images, s.judge_classes, s.judge_confidence)}
+        return {"grid": grid, **recognised(judge_model, images, s.judge_classes, s.judge_confidence, s.judge_none_class)}
 
     rows: dict[str, Any] = {}
     for name, src in subjects.items():
