@@ -92,19 +92,23 @@ def _not_digits(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     shuffled (a digit's ink, no shape) and smooth random blobs (4x4 noise upsampled)."""
     g = torch.Generator().manual_seed(seed)
     h, w, c = x.shape[1:]
+
+    def shuffled(k: int) -> torch.Tensor:
+        src = torch.as_tensor(x[torch.randint(len(x), (k,), generator=g).numpy()]).permute(0, 3, 1, 2).float() / 255
+        order = torch.argsort(torch.rand((k, c, h * w), generator=g), dim=-1)
+        return src.reshape(k, c, h * w).gather(-1, order).reshape(k, c, h, w)
+
+    make = {  # kind -> k images (k, C, H, W) in [0, 1]
+        "uniform": lambda k: torch.rand((k, c, h, w), generator=g),
+        "gaussian": lambda k: (0.5 + 0.25 * torch.randn((k, c, h, w), generator=g)).clamp(0, 1),
+        "shuffled": shuffled,
+        "blob": lambda k: torch.nn.functional.interpolate(torch.rand((k, c, 4, 4), generator=g), size=(h, w),
+                                                          mode="bilinear", align_corners=False),
+    }
     kinds = torch.arange(n) % len(NONE_KINDS)
     out = torch.empty((n, c, h, w))
-    k = int((kinds == 0).sum())
-    out[kinds == 0] = torch.rand((k, c, h, w), generator=g)
-    k = int((kinds == 1).sum())
-    out[kinds == 1] = (0.5 + 0.25 * torch.randn((k, c, h, w), generator=g)).clamp(0, 1)
-    k = int((kinds == 2).sum())
-    src = torch.as_tensor(x[torch.randint(len(x), (k,), generator=g).numpy()]).permute(0, 3, 1, 2).float() / 255
-    order = torch.argsort(torch.rand((k, c, h * w), generator=g), dim=-1)
-    out[kinds == 2] = src.reshape(k, c, h * w).gather(-1, order).reshape(k, c, h, w)
-    k = int((kinds == 3).sum())
-    coarse = torch.rand((k, c, 4, 4), generator=g)
-    out[kinds == 3] = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    for i, kind in enumerate(NONE_KINDS):
+        out[kinds == i] = make[kind](int((kinds == i).sum()))
     return (out.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()  # (n, H, W, C)
 
 
@@ -117,9 +121,9 @@ def _digits(spec: DomainSpec) -> Loaded:
     test = np.arange(len(x)) % 5 == 0
     splits = [(x[~test], target[~test]), (x[test], target[test])]
     if none_class:
-        splits = [(np.concatenate([xs, _not_digits(xs, 2 * (len(xs) // 10), seed)]),
-                   np.concatenate([ys, np.full(2 * (len(xs) // 10), 10, dtype=np.int64)]))
-                  for seed, (xs, ys) in enumerate(splits)]
+        n = [2 * (len(xs) // 10) for xs, _ in splits]
+        splits = [(np.concatenate([xs, _not_digits(xs, k, seed)]), np.concatenate([ys, np.full(k, 10, dtype=np.int64)]))
+                  for seed, ((xs, ys), k) in enumerate(zip(splits, n))]
     return _images(*splits[0]), _images(*splits[1]), 11 if none_class else 10
 
 
