@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="robustness audit on Ray Tune: many real attacks vs scratch and original")
     p.add_argument("pipeline")
     p.add_argument("--model", required=True, help="protected model directory or MLflow URI")
-    p.add_argument("--suite", default=None, help="named attack suite (default: default-v1; diffusion-v1 for diffusion); "
+    p.add_argument("--suite", default=None, help="named attack suite (default: default-v1; diffusion-v2 for diffusion); "
                    "with --search, the recipes the search starts from")
     p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
     p.add_argument("--budgets", default=None, help="comma-separated increasing step budgets, e.g. 25,50,100,200,400")
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
     p.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v3, test-v1 with --smoke; "
-                   "diffusion: diffusion-v1, diffusion-test-v1 with --smoke); with --search, where the search starts")
+                   "diffusion: diffusion-v2, diffusion-test-v1 with --smoke); with --search, where the search starts")
     p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")

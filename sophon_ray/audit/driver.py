@@ -382,7 +382,7 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         cfg: the pipeline config; model: protected model directory (resolve an MLflow URI with
             `tracking.resolve_model` first and pass it as `model_ref`, recorded in audit.json).
         out: output directory (audit.json, report.html, PNGs, .tune/).
-        suite: attack suite name (default: the kind's, "default-v1" or "diffusion-v1"); search: N
+        suite: attack suite name (default: the kind's, "default-v1" or "diffusion-v2"); search: N
             Optuna trials instead; with both, the search's first suggestions are the suite's
             recipes (N must be at least the suite's size).
         budgets: step budgets (default cfg.attack.budgets); seeds: re-run seeds of the top recipes.

@@ -24,8 +24,8 @@ NONE = 10  # the judge's "no digit" label (digits' none_class option)
 
 
 def get_config(smoke: bool = False) -> DiffusionPipelineConfig:
-    # The simulated attackers match the audit's (suite diffusion-v1): the same optimizer families,
-    # lr ranges and batch sizes, inner paths of 20 steps.
+    # The simulated attackers match the audit's (suite diffusion-v2): the same optimizer families,
+    # lr ranges and batch sizes 16/32 (not the one batch-64 recipe), inner paths of 20 steps.
     env = EnvSpace(
         optimizers=("sgd", "momentum", "adam", "rmsprop", "adagrad"),
         lr={"sgd": (1e-2, 3e-2), "momentum": (1e-3, 3e-3), "adam": (1e-4, 3e-3), "rmsprop": (1e-4, 1e-3),

@@ -25,6 +25,21 @@ def test_suites_are_fixed_and_cover_the_space():
     assert len(SUITES["test-v1"]) == 4 and {r.strategy for r in SUITES["test-v1"]} == set(STRATEGIES)
 
 
+def test_default_audit_and_run_suites_can_certify():
+    """A default `audit` or `run` has at least the recipes a certifying audit needs (diffusion-v1's 15
+    did not: no default diffusion run could reach `audited`); smoke suites never certify anyway."""
+    from sophon_ray.audit.driver import MINIMUM
+    from sophon_ray.tasks.classifier import ClassifierTask
+    from sophon_ray.tasks.diffusion import DiffusionTask
+    from sophon_ray.tasks.diffusion.suites import SUITE_DIFFUSION_V1, SUITE_DIFFUSION_V2
+
+    for task in (ClassifierTask, DiffusionTask):
+        suites = SUITES if task is ClassifierTask else SUITES_DIFFUSION
+        for name in (task.audit_suite, task.run_suite):
+            assert len(set(suites[name])) >= MINIMUM["recipes"], (task.kind, name)
+    assert SUITE_DIFFUSION_V2[:15] == SUITE_DIFFUSION_V1 and len(set(SUITE_DIFFUSION_V2)) == 16
+
+
 def test_space_and_recipe_mapping():
     space = attack_space()
     assert set(space) == {"strategy", "optimizer", "lr", "batch_size", "weight_decay", "schedule"}

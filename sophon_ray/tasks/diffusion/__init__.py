@@ -34,7 +34,7 @@ class AttackResult:
 class DiffusionTask(Task):
     kind = "diffusion"
     metric = MSE
-    audit_suite, run_suite, smoke_suite = "diffusion-v1", "diffusion-v1", "diffusion-test-v1"
+    audit_suite, run_suite, smoke_suite = "diffusion-v2", "diffusion-v2", "diffusion-test-v1"
     epsilon, min_gap = 0.005, 0.025
     strategies = ("all", "up", "down")
     default_recipe = Recipe("all", "adam", 1e-3, 16)
