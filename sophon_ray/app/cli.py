@@ -151,6 +151,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 
+def _audit_flags(p: argparse.ArgumentParser, seeds: int, suite_default: str) -> None:
+    """The audit's flags, shared by `audit` and `run` (only the defaults differ)."""
+    p.add_argument("--suite", default=None, help=f"named attack suite (default: {suite_default}); "
+                   "with --search, the recipes the search starts from")
+    p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
+    p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials (default: all CPUs)")
+    p.add_argument("--seeds", type=int, default=seeds, help="seeds for re-running the best recipes at full budget")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="allowed attacker advantage over scratch (default 0.02 accuracy, 0.005 MSE)")
+    p.add_argument("--min-gap", type=float, default=None,
+                   help="power the control needs: the source must beat scratch by this much at some budget for a "
+                        "'passed' verdict (default attack.min_gap, else 0.10 accuracy, 0.025 MSE)")
+    p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is passed (failed or inconclusive)")
+    p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
+
+
 def _budgets(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -329,40 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="robustness audit on Ray Tune: many real attacks vs scratch and original")
     p.add_argument("pipeline")
     p.add_argument("--model", required=True, help="protected model directory or MLflow URI")
-    p.add_argument("--suite", default=None, help="named attack suite (default: default-v1; diffusion-v2 for diffusion); "
-                   "with --search, the recipes the search starts from")
-    p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial hyper-parameter search with N trials")
+    _audit_flags(p, seeds=3, suite_default="default-v1; diffusion-v2 for diffusion")
     p.add_argument("--budgets", default=None, help="comma-separated increasing step budgets, e.g. 25,50,100,200,400")
-    p.add_argument("--concurrency", type=int, default=None, help="max concurrent trials (default: all CPUs)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds for re-running the best recipes at full budget")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="allowed attacker advantage over scratch (default 0.02 accuracy, 0.005 MSE)")
-    p.add_argument("--min-gap", type=float, default=None,
-                   help="power the control needs: the source must beat scratch by this much at some budget for a "
-                        "'passed' verdict (default attack.min_gap, else 0.10 accuracy, 0.025 MSE)")
-    p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is passed (failed or inconclusive)")
-    p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
     p.add_argument("--judge", default=None, help="diffusion: judge classifier cache dir (default <out>/judge)")
     _common(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> audit (Ray Tune) -> register -> report")
     p.add_argument("pipeline")
-    p.add_argument("--suite", default=None, help="attack suite for the audit (default quick-v3, test-v1 with --smoke; "
-                   "diffusion: diffusion-v2, diffusion-test-v1 with --smoke); with --search, where the search starts")
-    p.add_argument("--search", type=int, default=None, metavar="N", help="adversarial search with N trials instead")
+    _audit_flags(p, seeds=2, suite_default="quick-v3, test-v1 with --smoke; "
+                 "diffusion: diffusion-v2, diffusion-test-v1 with --smoke")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
-    p.add_argument("--seeds", type=int, default=2, help="seeds for re-running the best recipes")
-    p.add_argument("--concurrency", type=int, default=None, help="max concurrent audit trials")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="allowed attacker advantage over scratch (default 0.02 accuracy, 0.005 MSE)")
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
-    p.add_argument("--min-gap", type=float, default=None,
-                   help="power the control needs for a 'passed' verdict (default 0.10 accuracy, 0.025 MSE)")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
-    p.add_argument("--strict", action="store_true", help="exit 1 unless the verdict is passed (failed or inconclusive)")
-    p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
     p.add_argument("--source", default=None, help="protect this model (directory or MLflow URI) instead of pretraining one")
     _common(p)
     p.set_defaults(func=cmd_run)
