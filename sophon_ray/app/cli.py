@@ -150,7 +150,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _audit_flags(p: argparse.ArgumentParser, seeds: int, suite_default: str) -> None:
     """The audit's flags, shared by `audit` and `run` (only the defaults differ)."""
     p.add_argument("--suite", default=None, help=f"named attack suite (default: {suite_default}); "
