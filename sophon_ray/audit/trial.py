@@ -3,7 +3,8 @@
 A trial attacks one subject (the protected model, a scratch model, or the unprotected
 original) with one recipe and seed, and calls `ray.tune.report` at every step budget with:
 
-- `steps`, `value`: the budget just reached and the restricted test metric there (accuracy, or
+- `steps`, `value`: the budget just reached (in the suite's unit: optimizer steps, or epochs for a
+  protocol suite such as paper-v1) and the restricted test metric there (accuracy, or
   denoising MSE for diffusion; NaN when the fine-tuned model diverged);
 - `best`: the attacker's best value so far, max accuracy or min MSE (±inf while every value so
   far diverged);
@@ -15,6 +16,8 @@ original) with one recipe and seed, and calls `ray.tune.report` at every step bu
   diverged budget is null: a diverged run gives the attacker nothing);
 - `detail`: {"<steps>": {bucket: value}} where the kind breaks its metric down (diffusion: the
   denoising MSE per timestep bucket, `core.diffusion.mse_buckets`); empty otherwise;
+- `train_images`, `step_budgets`: how many restricted images the attacker trains on and the
+  budgets in optimizer steps (equal to the budgets unless the suite counts epochs);
 - `compute_s`: seconds spent fine-tuning and evaluating so far, measured inside the trial
   (excludes data loading, model loading and the reports themselves), so that
   wall - sum(compute_s) is the audit's scheduling overhead.
@@ -107,13 +110,17 @@ def _maybe_fault(config: dict[str, Any]) -> None:
         raise RuntimeError(f"injected fault in trial {config['id']} (test-only, fault={fault['mode']})")
 
 
-def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[str, str | None]) -> None:
+def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[str, str | None],
+                 protocol: tasks.SuiteProtocol = tasks.STEPS_PROTOCOL) -> None:
     """Tune function trainable: run one attack and report at every budget of `cfg.attack.budgets`.
 
     Args:
         config: {"id", "subject", "index", "recipe" (Recipe fields), "seed", "fault"} from the planner.
-        cfg: the pipeline config (budgets already resolved), bound with `tune.with_parameters`.
+        cfg: the pipeline config (budgets and attacker data already resolved), bound with
+            `tune.with_parameters`.
         subjects: subject name -> model directory (None for scratch).
+        protocol: the suite's protocol: budgets in steps or epochs (an epoch = floor(images / batch)
+            steps), and which part of the kind's metric breakdown is the value (`metric_key`).
     """
     from ray import tune
 
@@ -131,7 +138,17 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
              "curve": {}, "detail": {}}
     detail: dict[str, float] = {}  # the kind's breakdown of the last evaluation (diffusion: timestep buckets)
 
-    def on_budget(steps: int, value: float) -> None:
+    recipe = Recipe(**config["recipe"])
+    task.validate_recipe(recipe)
+    kwargs = task.finetune_kwargs(t, model, seed, detail)
+    images = len(kwargs["train"][0])
+    step_budgets = protocol.epochs_to_steps(tuple(cfg.attack.budgets), images, recipe.batch_size)
+    budget_of = dict(zip(step_budgets, cfg.attack.budgets))  # optimizer steps -> the suite's budget (steps or epochs)
+
+    def on_budget(step: int, value: float) -> None:
+        steps = budget_of[step]
+        if protocol.metric_key is not None:
+            value = detail.get(protocol.metric_key, math.nan)
         state["compute"] += time.perf_counter() - state["mark"]
         finite = math.isfinite(value)
         if finite:
@@ -142,10 +159,8 @@ def attack_trial(config: dict[str, Any], *, cfg: PipelineConfig, subjects: dict[
         values = [v for v in state["curve"].values() if v is not None]
         score = sum(values) / len(values) if values else metric.worst
         tune.report({"steps": steps, "value": value, "best": state["best"], "score": score,
-                     "curve": dict(state["curve"]), "detail": dict(state["detail"]), "compute_s": state["compute"]})
+                     "curve": dict(state["curve"]), "detail": dict(state["detail"]), "compute_s": state["compute"],
+                     "train_images": images, "step_budgets": list(step_budgets)})
         state["mark"] = time.perf_counter()
 
-    recipe = Recipe(**config["recipe"])
-    task.validate_recipe(recipe)
-    finetune(model, recipe, budgets=cfg.attack.budgets, seed=seed, on_budget=on_budget,
-             **task.finetune_kwargs(t, model, seed, detail))
+    finetune(model, recipe, budgets=step_budgets, seed=seed, on_budget=on_budget, **kwargs)

@@ -12,11 +12,12 @@ from typing import Any
 from sophon_ray.config import PipelineConfig, apply_overrides
 from sophon_ray.errors import UserError
 from sophon_ray.tasks.base import (
-    ACCURACY, METRICS, MSE, TASKS, Log, Metric, Metrics, Task, Tensors, head_keys, load_model, metric_named,
-    no_metrics, task_class,
+    ACCURACY, METRICS, MSE, STEPS_PROTOCOL, TASKS, Log, Metric, Metrics, SuiteProtocol, Task, Tensors, head_keys,
+    load_model, metric_named, no_metrics, task_class,
 )
 
-__all__ = ["ACCURACY", "METRICS", "MSE", "Log", "Metric", "Metrics", "Task", "Tensors", "TASKS", "get_pipeline",
+__all__ = ["ACCURACY", "METRICS", "MSE", "Log", "Metric", "Metrics", "STEPS_PROTOCOL", "SuiteProtocol", "Task",
+           "Tensors", "TASKS", "get_pipeline",
            "head_keys", "load_model", "metric_named", "no_metrics", "of", "task_class", "validate"]
 
 def of(cfg: PipelineConfig) -> Task:

@@ -103,6 +103,41 @@ def metric_named(name: str) -> Metric:
 
 
 @dataclass(frozen=True)
+class SuiteProtocol:
+    """What a named attack suite fixes besides its recipes, so that `--suite NAME` means the same
+    attack on every pipeline (e.g. `paper-v1`, the SOPHON paper's evaluation).
+
+    budgets: the suite's own budgets (None: the pipeline's `attack.budgets`), in `unit`.
+    unit: "steps" (optimizer steps) or "epochs" (passes over the attacker's training images; an
+        epoch is floor(images / batch size) steps, at least 1, as a DataLoader with drop_last=True).
+    attacker_data: "pipeline" (`attack.train_per_class` images per class) or "full" (the whole
+        restricted training split, whatever the pipeline's limit).
+    metric_key: the part of the kind's metric breakdown the verdict uses (diffusion: "t1", the
+        denoising MSE at t = 1 only, the paper's metric); None: the overall metric.
+    certifies: whether a passing audit with this suite may certify a model (alias `audited`).
+    note: one line for audit.json and the report on what the suite is.
+    """
+
+    budgets: tuple[int, ...] | None = None
+    unit: str = "steps"
+    attacker_data: str = "pipeline"
+    metric_key: str | None = None
+    certifies: bool = True
+    note: str = ""
+
+    def epochs_to_steps(self, budgets: tuple[int, ...], images: int, batch_size: int) -> tuple[int, ...]:
+        """Optimizer-step budgets of a trial: `budgets` as they are in steps; in epochs, each times
+        floor(images / batch_size) (at least 1)."""
+        if self.unit == "steps":
+            return tuple(budgets)
+        per = max(images // max(batch_size, 1), 1)
+        return tuple(b * per for b in budgets)
+
+
+STEPS_PROTOCOL = SuiteProtocol()
+
+
+@dataclass(frozen=True)
 class Tensors:
     """Preprocessed tensors of a pipeline: (x, y) pairs for each domain split."""
 
@@ -222,6 +257,14 @@ class Task:
     def suites(self) -> dict[str, tuple[Recipe, ...]]:
         """The named attack suites of this kind."""
         raise NotImplementedError
+
+    def protocols(self) -> dict[str, SuiteProtocol]:
+        """The suites of this kind that fix more than recipes (budgets, unit, attacker data, metric)."""
+        return {}
+
+    def protocol(self, suite: str | None) -> SuiteProtocol:
+        """The protocol of a suite (the default: steps, the pipeline's budgets and attacker data)."""
+        return self.protocols().get(suite or self.audit_suite, STEPS_PROTOCOL)
 
     def import_model(self, weights: str | Path, out: str | Path, *, new_head: bool = False,
                      log: Log = print) -> Path:

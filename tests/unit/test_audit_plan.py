@@ -70,10 +70,10 @@ def test_search_starts_from_the_suite_then_tpe():
     from sophon_ray.audit.space import optuna_searcher, to_point
     from sophon_ray.tasks.diffusion import DiffusionTask
 
-    for suite in SUITES.values():  # every suite can seed a search
-        assert all(to_recipe(to_point(r, STRATEGIES)) == r for r in suite)
-    for suite in SUITES_DIFFUSION.values():
-        assert all(to_recipe(to_point(r, DiffusionTask.strategies)) == r for r in suite)
+    for name, suite in SUITES.items():  # every suite but a fixed protocol (its own budgets and data) can seed a search
+        assert name == "paper-v1" or all(to_recipe(to_point(r, STRATEGIES)) == r for r in suite)
+    for name, suite in SUITES_DIFFUSION.items():
+        assert name == "paper-v1" or all(to_recipe(to_point(r, DiffusionTask.strategies)) == r for r in suite)
     with pytest.raises(UserError, match="outside the search space"):
         to_point(Recipe(lr=1.0))  # adam at lr 1.0: above the space's 1e-1
     with pytest.raises(UserError, match="outside the search space"):
@@ -126,3 +126,34 @@ def test_per_recipe_best_and_score_skip_diverged_and_failed():
     assert set(best["r01"]) == set(score["r01"]) == {"recipe"}  # all diverged / failed: no value
     audit["metric"] = "mse"  # the attacker's best of an MSE curve is its lowest value
     assert per_recipe(audit)["r00"]["scratch"] == 0.5 and per_recipe(audit)["r00"]["protected"] == 0.2
+
+
+def test_paper_v1_is_the_papers_protocol_and_round_trips():
+    """paper-v1: the released code's attack first (SGD momentum 0.9, wd 1e-4, lr 1e-4, batch 200, all
+    weights, head kept), the abstract's three methods and five optimizers, one more lr decade and
+    batch 64; budgets 5/10/20 epochs on the whole restricted training split; never certifies."""
+    import dataclasses
+    import json
+
+    from sophon_ray.tasks.classifier import ClassifierTask
+    from sophon_ray.tasks.classifier.suites import PAPER_V1, PROTOCOLS
+    from sophon_ray.tasks.diffusion.suites import PROTOCOLS_DIFFUSION
+
+    assert PAPER_V1[0] == Recipe("direct-all", "momentum", 1e-4, 200, weight_decay=1e-4, schedule="constant")
+    assert {r.strategy for r in PAPER_V1} == {"direct-all", "initFC-all", "direct-FC"}
+    assert {r.optimizer for r in PAPER_V1} == {"sgd", "momentum", "nesterov", "adam", "adagrad"}
+    assert {r.lr for r in PAPER_V1} == {1e-4, 1e-3} and {r.batch_size for r in PAPER_V1} == {200, 64}
+    assert all(r.weight_decay == 1e-4 and r.schedule == "constant" for r in PAPER_V1) and len(set(PAPER_V1)) == 9
+    for r in PAPER_V1:  # as audit.json records it and reads it back
+        assert Recipe(**json.loads(json.dumps(dataclasses.asdict(r)))) == r
+    for p in (PROTOCOLS["paper-v1"], PROTOCOLS_DIFFUSION["paper-v1"]):
+        assert p.budgets == (5, 10, 20) and p.unit == "epochs" and p.attacker_data == "full" and not p.certifies
+    assert PROTOCOLS_DIFFUSION["paper-v1"].metric_key == "t1" and PROTOCOLS["paper-v1"].metric_key is None
+    assert SUITES_DIFFUSION["paper-v1"] == (Recipe("all", "adam", 1e-4, 200),)
+    # an epoch is floor(images / batch) optimizer steps (a DataLoader with drop_last=True), at least 1
+    p = PROTOCOLS["paper-v1"]
+    assert p.epochs_to_steps((5, 10, 20), 1437, 200) == (35, 70, 140)
+    assert p.epochs_to_steps((5, 10, 20), 1437, 64) == (110, 220, 440)
+    assert p.epochs_to_steps((1, 2), 50, 200) == (1, 2)
+    steps = ClassifierTask.protocol(ClassifierTask.__new__(ClassifierTask), "quick-v3")
+    assert steps.unit == "steps" and steps.epochs_to_steps((10, 25), 1437, 200) == (10, 25)

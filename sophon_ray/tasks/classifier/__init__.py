@@ -16,7 +16,7 @@ from sophon_ray import modeldir
 from sophon_ray.config import Recipe, to_dict
 from sophon_ray.errors import UserError
 from sophon_ray.tasks.base import ACCURACY, Log, Metrics, Task, Tensors, head_keys, no_metrics
-from sophon_ray.tasks.classifier.suites import SUITES
+from sophon_ray.tasks.classifier.suites import PROTOCOLS, SUITES
 
 
 class ClassifierTask(Task):
@@ -137,6 +137,9 @@ class ClassifierTask(Task):
 
     def suites(self) -> dict[str, tuple[Recipe, ...]]:
         return SUITES
+
+    def protocols(self) -> dict[str, Any]:
+        return PROTOCOLS
 
     def import_model(self, weights: str | Path, out: str | Path, *, new_head: bool = False,
                      log: Log = print) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sophon_ray.config import Recipe
 from sophon_ray.errors import UserError
+from sophon_ray.tasks.base import SuiteProtocol
 
 R = Recipe
 
@@ -99,9 +100,33 @@ TEST_V1: tuple[Recipe, ...] = (
     R("direct-FC", "adam", 1e-2, 32, schedule="cosine"),
 )
 
+# 9 recipes: the SOPHON paper's own evaluation (docs/design.md, "The paper's protocol"). First the
+# released code's attack exactly (classification/finetune_test.py: SGD momentum 0.9, weight decay
+# 1e-4, lr 1e-4, batch 200, every weight trained, head kept), then the axes the abstract names at
+# the paper's scale: the three fine-tuning methods (head re-initialised + all weights, head only),
+# five optimizers at lr 1e-4 (SGD, momentum, Nesterov, Adam, Adagrad), one more lr decade for the
+# headline optimizer, and batch 64. Budgets 5 / 10 / 20 epochs over the WHOLE restricted training
+# split (PAPER_V1_PROTOCOL), whatever the pipeline's attack.train_per_class.
+_PAPER = {"weight_decay": 1e-4}
+PAPER_V1: tuple[Recipe, ...] = (
+    R("direct-all", "momentum", 1e-4, 200, **_PAPER),
+    R("initFC-all", "momentum", 1e-4, 200, **_PAPER),
+    R("direct-FC", "momentum", 1e-4, 200, **_PAPER),
+    R("direct-all", "sgd", 1e-4, 200, **_PAPER),
+    R("direct-all", "nesterov", 1e-4, 200, **_PAPER),
+    R("direct-all", "adam", 1e-4, 200, **_PAPER),
+    R("direct-all", "adagrad", 1e-4, 200, **_PAPER),
+    R("direct-all", "momentum", 1e-3, 200, **_PAPER),
+    R("direct-all", "momentum", 1e-4, 64, **_PAPER),
+)
+PAPER_V1_PROTOCOL = SuiteProtocol(
+    budgets=(5, 10, 20), unit="epochs", attacker_data="full", certifies=False,
+    note="the SOPHON paper's evaluation (gentle: lr 1e-4, 9 recipes): recorded, never certifies")
+
 DEFAULT_SUITE = "default-v1"
 SUITES: dict[str, tuple[Recipe, ...]] = {"quick-v1": QUICK_V1, "quick-v2": QUICK_V2, "quick-v3": QUICK_V3,
-                                         "default-v1": DEFAULT_V1, "test-v1": TEST_V1}
+                                         "default-v1": DEFAULT_V1, "test-v1": TEST_V1, "paper-v1": PAPER_V1}
+PROTOCOLS: dict[str, SuiteProtocol] = {"paper-v1": PAPER_V1_PROTOCOL}
 
 
 def get_suite(name: str) -> tuple[Recipe, ...]:

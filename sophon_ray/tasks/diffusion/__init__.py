@@ -19,7 +19,7 @@ from sophon_ray import modeldir
 from sophon_ray.config import DiffusionConfig, Recipe, to_dict
 from sophon_ray.errors import UserError
 from sophon_ray.tasks.base import MSE, Log, Metrics, Task, Tensors, no_metrics
-from sophon_ray.tasks.diffusion.suites import SUITES_DIFFUSION
+from sophon_ray.tasks.diffusion.suites import PROTOCOLS_DIFFUSION, SUITES_DIFFUSION
 
 
 @dataclass
@@ -273,6 +273,9 @@ class DiffusionTask(Task):
 
     def suites(self) -> dict[str, tuple[Recipe, ...]]:
         return SUITES_DIFFUSION
+
+    def protocols(self) -> dict[str, Any]:
+        return PROTOCOLS_DIFFUSION
 
     weights_file = "diffusion_pytorch_model.safetensors"
 
