@@ -1,8 +1,9 @@
 """Time and peak memory of one SOPHON outer iteration on the digits UNet, against its floor.
 
-The diffusion counterpart of `core_step.py`: the `digits-diffusion` pipeline's model (unet-small,
-1x16x16, DDPM ε-prediction) and protection settings (batch sizes, MSE-ascent suppression,
-first-order meta-gradient), with E environments of K inner steps. One outer iteration is
+The diffusion counterpart of `core_step.py`: the `digits-diffusion` pipeline's model (unet-small
+at the pipeline's input: 1x8x8 since 2026-12-03, the 2026-11-29 row was measured at 1x16x16; DDPM
+ε-prediction) and protection settings (batch sizes, MSE-ascent suppression, first-order
+meta-gradient), with E environments of K inner steps. One outer iteration is
 `Protection.step()` with ml_loop = nl_loop = 1 and the guard pushed out of the timed iterations.
 
 FLOOR = E*K support + E*K query + 1 NTR forward+backward passes of the plain ε-prediction MSE
@@ -40,14 +41,13 @@ def run_child(spec: dict) -> dict:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
-    from sophon_ray.pipelines import digits_diffusion
-    from sophon_ray import tasks
+    from sophon_ray import pipelines, tasks
     from sophon_ray.core.protect import Protection, ProtectData
     from sophon_ray.models import build_diffusion
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    cfg = digits_diffusion.get_config()
+    cfg = pipelines.load("digits-diffusion")
     E, K = spec["envs"], spec["inner_steps"]
     bs = cfg.protect.env.batch_sizes[0]
     pc = dataclasses.replace(

@@ -317,9 +317,11 @@ def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
 
 def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
     """`obj` (a config dataclass) with the values of a nested dict merged in, every key and type
-    checked like `--set` (a pipeline file's fields; UserError naming the key path). Lists of
-    mappings become tuples of the existing items' dataclass (e.g. `restricted`), mappings
-    on dict fields (`options`, `kwargs`) replace them, `judge` mappings build a PipelineConfig."""
+    checked like `--set` (a pipeline file's fields; UserError naming the key path). A domain
+    mapping (`original`) replaces the domain whole, like each item of a list of mappings (e.g.
+    `restricted`, a tuple of the existing items' dataclass): fields it does not give take the
+    dataclass defaults, not `obj`'s. Mappings on dict fields (`options`, `kwargs`) replace them,
+    `judge` mappings build a PipelineConfig."""
     if dataclasses.is_dataclass(obj) and isinstance(data, dict):
         names = [f.name for f in dataclasses.fields(obj)]
         changes = {}
@@ -330,6 +332,8 @@ def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
             current = getattr(obj, key)
             if key == "judge" and isinstance(value, dict):
                 current = current or PipelineConfig(name="judge", description="the judge classifier")
+            if isinstance(current, DomainSpec) and isinstance(value, dict):
+                current = DomainSpec()  # a domain means what the file says, not the base's classes or root
             changes[key] = None if value is None and _nullable(obj, key) else merge_dict(current, value, path)
         return dataclasses.replace(obj, **changes)
     if isinstance(obj, tuple) and obj and dataclasses.is_dataclass(obj[0]) and isinstance(data, list):

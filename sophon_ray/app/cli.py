@@ -65,7 +65,7 @@ def _name(pipeline: str) -> str:
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
-    from sophon_ray.pipelines import PIPELINES
+    from sophon_ray.pipelines import PIPELINES, describe_domains
 
     if args.show:
         import yaml
@@ -74,6 +74,8 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
         from sophon_ray.config import to_dict
 
         cfg = tasks.get_pipeline(args.show, args.smoke, args.overrides)
+        print("# resolved domains (a domain a pipeline file gives replaces its base's whole):")
+        print("".join(f"#   {line}\n" for line in describe_domains(cfg)), end="")
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     for name, mod in PIPELINES.items():

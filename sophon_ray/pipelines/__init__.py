@@ -1,31 +1,93 @@
-"""Ready pipelines: one Python file each with `get_config(smoke=False) -> PipelineConfig`.
+"""The pipeline loader: bundled pipelines by name, and a user's pipeline files.
 
-The explicit table below is the only registry (no decorators, no discovery). `load` also reads a
-user's pipeline from a file: a Python file with the same `get_config(smoke=False)`, or a YAML file
-whose fields are `PipelineConfig`'s (optionally `base: <bundled pipeline>` to start from, and
-`smoke: {key.path: value}` overrides applied with --smoke); see README "Protect your own model".
+The bundled pipelines are plain files in the repository's top-level `pipelines/` directory, one
+Python file each with `get_config(smoke=False) -> PipelineConfig`: the same format as a user's
+own pipeline file, loaded by the same code (`_module`), so each is also a worked example to copy.
+`BUNDLED` below is the only registry (no decorators, no discovery). A wheel ships the files as
+data files (`<prefix>/share/sophon-ray/pipelines/`, pyproject's `data-files`); `bundled_dir`
+finds them there, or beside the package in a checkout / editable install (docs/design.md).
+
+`load` also reads a user's pipeline from a file: a Python file with the same `get_config`, or a
+YAML file whose fields are `PipelineConfig`'s (optionally `base: <bundled pipeline>` to start
+from, and `smoke: {key.path: value}` overrides applied with --smoke). A domain the YAML file
+gives (`original`, each of `restricted`) replaces the base's whole: the fields it leaves out take
+`DomainSpec`'s defaults (`config.merge_dict`); see README "Protect your own model".
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from sophon_ray.config import CONFIG_CLASSES, PipelineConfig, apply_overrides, merge_dict
 from sophon_ray.errors import UserError
-from sophon_ray.pipelines import cifar100_celeba, digits, digits_diffusion, imagenette_cifar10, mnist, mnist_to_digits
 
-PIPELINES: dict[str, ModuleType] = {
-    "digits": digits,
-    "digits-diffusion": digits_diffusion,
-    "mnist": mnist,
-    "mnist-to-digits": mnist_to_digits,
-    "imagenette-cifar10": imagenette_cifar10,
-    "cifar100-celeba": cifar100_celeba,
+# name -> file in the bundled pipelines directory, in the order `sophon-ray pipelines` lists them
+BUNDLED: dict[str, str] = {
+    "digits": "digits.py",
+    "digits-diffusion": "digits_diffusion.py",
+    "mnist": "mnist.py",
+    "mnist-to-digits": "mnist_to_digits.py",
+    "imagenette-cifar10": "imagenette_cifar10.py",
+    "cifar100-celeba": "cifar100_celeba.py",
 }
 FILE_SUFFIXES = (".py", ".yaml", ".yml")
+DATA_DIR = ("share", "sophon-ray", "pipelines")  # where a wheel installs them, under the prefix
+
+
+@functools.cache
+def bundled_dir() -> Path:
+    """The directory holding the bundled pipeline files: `pipelines/` beside the package (a
+    checkout, an editable install), else the data files of the installed distribution."""
+    checkout = Path(__file__).resolve().parents[2] / "pipelines"
+    if all((checkout / f).is_file() for f in BUNDLED.values()):
+        return checkout
+    try:
+        files = importlib.metadata.files("sophon-ray") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == BUNDLED["digits"] and tuple(f.parts[-4:-1]) == DATA_DIR:
+            installed = Path(f.locate()).resolve().parent
+            if all((installed / name).is_file() for name in BUNDLED.values()):
+                return installed
+    raise UserError(f"the bundled pipeline files are missing (looked in {checkout} and in the installed "
+                    f"sophon-ray's {'/'.join(DATA_DIR)}); reinstall sophon-ray")
+
+
+class _Bundled(Mapping):
+    """name -> the bundled pipeline's module, each executed from its file on first use."""
+
+    def __init__(self, files: dict[str, str]):
+        self._files, self._modules = files, {}
+
+    def __getitem__(self, name: str) -> ModuleType:
+        if name not in self._modules:
+            path = bundled_dir() / self._files[name]  # KeyError for an unknown name, like a dict
+            self._modules[name] = _module(path, f"sophon_ray_pipelines.{path.stem}")
+        return self._modules[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+PIPELINES: Mapping[str, ModuleType] = _Bundled(BUNDLED)
+
+
+def __getattr__(attr: str) -> ModuleType:
+    """`from sophon_ray.pipelines import digits_diffusion`: a bundled pipeline's module by file stem."""
+    for name, file in BUNDLED.items():
+        if Path(file).stem == attr:
+            return PIPELINES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def is_file_ref(ref: str | Path) -> bool:
@@ -39,29 +101,48 @@ def load(ref: str | Path, smoke: bool = False) -> PipelineConfig:
         if ref not in PIPELINES:
             raise UserError(f"unknown pipeline {ref!r}; run `sophon-ray pipelines` to list them "
                             f"({', '.join(PIPELINES)}), or pass a pipeline file (.py or .yaml)")
-        return PIPELINES[str(ref)].get_config(smoke=smoke)
+        return _config(PIPELINES[str(ref)], smoke)
     path = Path(ref)
     if not path.is_file():
         raise UserError(f"pipeline file {path} not found")
     if path.suffix == ".py":
-        return _from_python(path, smoke)
+        return _config(_module(path, f"sophon_user_pipeline_{path.stem}"), smoke)
     if path.suffix in (".yaml", ".yml"):
         return _from_yaml(path, smoke)
     raise UserError(f"pipeline file {path}: expected .py or .yaml")
 
 
-def _from_python(path: Path, smoke: bool) -> PipelineConfig:
-    spec = importlib.util.spec_from_file_location(f"sophon_user_pipeline_{path.stem}", path)
+def describe_domains(cfg: PipelineConfig) -> list[str]:
+    """One line per domain of a resolved config (`sophon-ray pipelines --show` prints them as YAML
+    comments): source, root, which raw labels it keeps, options."""
+    lines = []
+    for where, d in [("original", cfg.original), *((f"restricted.{i}", r) for i, r in enumerate(cfg.restricted))]:
+        classes = "all classes (labels as stored)" if d.classes is None else \
+            f"classes {', '.join(map(str, d.classes))} (relabelled 0..{len(d.classes) - 1})"
+        root = f" at {d.root}" if d.root else ""
+        options = f", options {d.options}" if d.options else ""
+        lines.append(f"{where}: {d.source}{root}, {classes}{options}")
+    return lines
+
+
+def _module(path: Path, module_name: str) -> ModuleType:
+    """A pipeline file executed as a module (a bundled one or the user's own, run like any script
+    they run); it must define get_config(smoke=False)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)  # the user's own file, run like any script they run
+        spec.loader.exec_module(module)
     except Exception as e:
         raise UserError(f"pipeline file {path} failed to load: {type(e).__name__}: {str(e)[:160]}") from None
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"pipeline file {path} has no get_config(smoke=False) function")
+    return module
+
+
+def _config(module: ModuleType, smoke: bool) -> PipelineConfig:
     cfg = module.get_config(smoke=smoke)
     if not isinstance(cfg, PipelineConfig):
-        raise UserError(f"pipeline file {path}: get_config returned {type(cfg).__name__}, not a PipelineConfig")
+        raise UserError(f"pipeline file {module.__file__}: get_config returned {type(cfg).__name__}, not a PipelineConfig")
     return cfg
 
 

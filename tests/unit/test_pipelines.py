@@ -6,9 +6,11 @@ line: tests/e2e/test_cli.py.)"""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sophon_ray import tasks
 from sophon_ray.audit.driver import check_budgets
@@ -114,3 +116,56 @@ def test_judge_none_class_is_checked():
     for bad in ("5", "11", "-1"):
         with pytest.raises(UserError, match="judge_none_class"):
             tasks.of(apply_overrides(cfg, [f"diffusion.judge_none_class={bad}"])).check()
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_bundled_pipelines_are_top_level_files_in_the_users_format(name):
+    """Each bundled pipeline is a plain file in the top-level pipelines/ (the package keeps only the
+    loader) and loads as a user's pipeline file, to the same config: every one is a worked example."""
+    from sophon_ray.pipelines import BUNDLED, bundled_dir, load
+
+    root = Path(__file__).resolve().parents[2]
+    assert bundled_dir() == root / "pipelines"
+    path = bundled_dir() / BUNDLED[name]
+    assert not (root / "sophon_ray" / "pipelines" / BUNDLED[name]).exists()
+    for smoke in (False, True):
+        assert load(path, smoke) == load(name, smoke) == PIPELINES[name].get_config(smoke=smoke)
+
+
+def test_bundled_modules_by_file_stem():
+    from sophon_ray.pipelines import digits_diffusion
+
+    assert digits_diffusion is PIPELINES["digits-diffusion"] and callable(digits_diffusion.judge_config)
+    with pytest.raises(ImportError):
+        from sophon_ray.pipelines import no_such_pipeline  # noqa: F401
+
+
+def test_yaml_domain_replaces_the_bases_whole(tmp_path):
+    """A domain a pipeline file gives means what it says (issue 30): the fields it leaves out take
+    DomainSpec's defaults, not the base's (digits' classes 0-4 must not reach a 3-class folder);
+    the resolved domains are spelled out by `pipelines --show`."""
+    from sophon_ray.config import DomainSpec
+    from sophon_ray.pipelines import describe_domains, load
+
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\ndescription: d\nbase: digits\n"
+                 "original: {source: imagefolder, root: /data/mine, options: {size: 32}}\n"
+                 "restricted: [{source: parquet, root: /data/theirs}]\n")
+    cfg = load(f)
+    assert cfg.original == DomainSpec(source="imagefolder", root="/data/mine", options={"size": 32})
+    assert cfg.restricted == (DomainSpec(source="parquet", root="/data/theirs"),)
+    assert cfg.protect == load("digits").protect  # what the file leaves out still comes from the base
+    assert describe_domains(cfg) == [
+        "original: imagefolder at /data/mine, all classes (labels as stored), options {'size': 32}",
+        "restricted.0: parquet at /data/theirs, all classes (labels as stored)",
+    ]
+    assert describe_domains(load("digits"))[0] == "original: digits, classes 0, 1, 2, 3, 4 (relabelled 0..4)"
+    f.write_text("name: mine\ndescription: d\nbase: digits\noriginal: {classes: [0, 1, 2]}\n")
+    assert load(f).original == DomainSpec(source="digits", classes=(0, 1, 2))
+
+
+def test_show_prints_the_resolved_domains(capsys):
+    assert main(["pipelines", "--show", "mnist-to-digits"]) == 0
+    out = capsys.readouterr().out
+    assert "#   original: mnist5k, all classes (labels as stored)\n#   restricted.0: digits, all classes" in out
+    assert yaml.safe_load(out)["name"] == "mnist-to-digits"  # still YAML: the domain lines are comments

