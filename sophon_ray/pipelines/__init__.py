@@ -43,21 +43,22 @@ DATA_DIR = ("share", "sophon-ray", "pipelines")  # where a wheel installs them, 
 @functools.cache
 def bundled_dir() -> Path:
     """The directory holding the bundled pipeline files: `pipelines/` beside the package (a
-    checkout, an editable install), else the data files of the installed distribution."""
-    checkout = Path(__file__).resolve().parents[2] / "pipelines"
-    if all((checkout / f).is_file() for f in BUNDLED.values()):
-        return checkout
+    checkout, an editable install), else the data files of the installed distribution (found
+    through its file list: a venv, `--user`, `--prefix`; or beside the package: `--target`)."""
+    site = Path(__file__).resolve().parents[2]
+    candidates = [site / "pipelines"]
     try:
         files = importlib.metadata.files("sophon-ray") or []
     except importlib.metadata.PackageNotFoundError:
         files = []
-    for f in files:
-        if f.name == BUNDLED["digits"] and tuple(f.parts[-4:-1]) == DATA_DIR:
-            installed = Path(f.locate()).resolve().parent
-            if all((installed / name).is_file() for name in BUNDLED.values()):
-                return installed
-    raise UserError(f"the bundled pipeline files are missing (looked in {checkout} and in the installed "
-                    f"sophon-ray's {'/'.join(DATA_DIR)}); reinstall sophon-ray")
+    candidates += [Path(f.locate()).resolve().parent for f in files
+                   if f.name == BUNDLED["digits"] and tuple(f.parts[-4:-1]) == DATA_DIR]
+    candidates.append(site.joinpath(*DATA_DIR))  # pip install --target: RECORD's ../../share is off
+    for d in candidates:
+        if all((d / f).is_file() for f in BUNDLED.values()):
+            return d
+    raise UserError(f"the bundled pipeline files are missing (looked in {', '.join(map(str, dict.fromkeys(candidates)))}); "
+                    "reinstall sophon-ray")
 
 
 class _Bundled(Mapping):

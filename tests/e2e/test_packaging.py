@@ -3,7 +3,7 @@
 it holds every file of `sophon_ray.pipelines.BUNDLED` as data files and no pipeline inside the
 package; a plain `pip install` of it into a fresh venv outside the checkout finds and loads every
 one, each config identical (same hash) to the checkout's, and its `sophon-ray pipelines` lists
-them as the checkout's does."""
+them as the checkout's does; so does a `pip install --target` of it."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ for name in PIPELINES:
 """
 
 
-def _run(*cmd, cwd: Path) -> str:
+def _run(*cmd, cwd: Path, pythonpath: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv sees its own install only
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
     return r.stdout
@@ -72,3 +74,11 @@ def test_wheel_ships_and_loads_every_bundled_pipeline(tmp_path):
     assert lines[2:] == want
     listed = _run(venv / "bin" / "sophon-ray", "pipelines", cwd=tmp_path)
     assert listed == _run(sys.executable, "-m", "sophon_ray.app.cli", "pipelines", cwd=ROOT)
+
+    # pip install --target (benchmarks/gpu_check.sh installs that way on the device machine): the
+    # data files land in TARGET/share/..., where the RECORD's ../../share paths do not point
+    target = tmp_path / "target"
+    _run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", target, wheel, cwd=tmp_path)
+    lines = _run(py, "-c", CHECK, cwd=tmp_path, pythonpath=target).splitlines()
+    assert Path(lines[0]).is_relative_to(target) and Path(lines[1]) == target.joinpath(*DATA_DIR).resolve()
+    assert lines[2:] == want
