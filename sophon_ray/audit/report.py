@@ -109,8 +109,8 @@ def plot_scatter(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, A
     """Per recipe, protected best vs scratch best, marker by strategy; returns the file name."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
-    markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D", "all": "o", "up": "^",
-               "down": "v"}
+    markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D", "renorm-all": "P",
+               "bnrecal-all": "X", "all": "o", "up": "^", "down": "v"}
     pts_all: list[float] = []
     for strategy, marker in markers.items():
         pts = [(r["scratch"], r["protected"]) for r in rows.values()

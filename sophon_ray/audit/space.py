@@ -19,6 +19,13 @@ would tie them all instead of ranking them by how fast they get there.
 
 No trial is stopped early: every trial runs every budget (protected models are built to look
 flat early, so early stopping must not decide the worst case).
+
+The classifier search draws all six strategies of `core.attack.STRATEGIES` (the driver passes
+`ClassifierTask.strategies`), including `renorm-all` and `bnrecal-all` (issue 29, part 4): a
+search that cannot draw them is fooled by a model whose BN-fed weights were re-scaled, and a
+search seeded with `--suite default-v2` needs its recipes inside the space. The cost: since
+2026-12-04 a `--search N` with the same seed draws other recipes than before (a 6-way instead of a
+4-way strategy choice); an older audit's recipes stay in its audit.json and re-run unchanged.
 """
 
 from __future__ import annotations

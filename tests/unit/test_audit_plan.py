@@ -8,7 +8,7 @@ import pytest
 
 from sophon_ray.audit.space import AuditPlanner, attack_space, to_recipe
 from sophon_ray.config import Recipe
-from sophon_ray.core.attack import OPTIMIZERS, STRATEGIES
+from sophon_ray.core.attack import HEAD_STRATEGIES, OPTIMIZERS, STRATEGIES
 from sophon_ray.errors import UserError
 from sophon_ray.tasks import ACCURACY, MSE
 from sophon_ray.tasks.classifier.suites import DEFAULT_V1, QUICK_V1, QUICK_V2, QUICK_V3, SUITES, get_suite
@@ -20,9 +20,9 @@ def test_suites_are_fixed_and_cover_the_space():
     assert QUICK_V2[:16] == QUICK_V1 and len(set(QUICK_V2)) == 18 and set(QUICK_V2[16:]) <= set(DEFAULT_V1)
     assert QUICK_V3[:18] == QUICK_V2 and len(set(QUICK_V3)) == 19 and get_suite("quick-v3") is QUICK_V3
     assert len(DEFAULT_V1) >= 48 and len(set(DEFAULT_V1)) == len(DEFAULT_V1)
-    assert {r.strategy for r in DEFAULT_V1} == set(STRATEGIES) and {r.optimizer for r in DEFAULT_V1} == set(OPTIMIZERS)
+    assert {r.strategy for r in DEFAULT_V1} == set(HEAD_STRATEGIES) and {r.optimizer for r in DEFAULT_V1} == set(OPTIMIZERS)
     assert {r.schedule for r in DEFAULT_V1} == {"constant", "cosine", "warmup"}
-    assert len(SUITES["test-v1"]) == 4 and {r.strategy for r in SUITES["test-v1"]} == set(STRATEGIES)
+    assert len(SUITES["test-v1"]) == 4 and {r.strategy for r in SUITES["test-v1"]} == set(HEAD_STRATEGIES)
 
 
 def test_default_audit_and_run_suites_can_certify():

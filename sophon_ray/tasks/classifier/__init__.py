@@ -24,7 +24,8 @@ class ClassifierTask(Task):
     metric = ACCURACY
     audit_suite, run_suite, smoke_suite = "default-v1", "quick-v3", "test-v1"
     epsilon, min_gap = 0.02, 0.10
-    strategies = ("direct-all", "direct-FC", "initFC-all", "initFC-FC")
+    # The search draws all six, renorm-all and bnrecal-all included (audit/space.py says why).
+    strategies = ("direct-all", "direct-FC", "initFC-all", "initFC-FC", "renorm-all", "bnrecal-all")
     default_recipe = Recipe()
 
     def check(self) -> None:

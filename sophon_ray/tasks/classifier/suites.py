@@ -92,6 +92,17 @@ DEFAULT_V1: tuple[Recipe, ...] = _grid() + (
     R("initFC-FC", "adam", 1e-1, 32),
 )
 
+# 60 recipes: default-v1's 48 unchanged, then 12 that undo obfuscation before fine-tuning like
+# direct-all (core/attack.py, issue 29 part 4): `renorm-all` (each BN-fed conv/linear re-scaled to
+# unit norm per output channel, BN compensated) and `bnrecal-all` (BN statistics recomputed on the
+# attacker's data), each with default-v1's strongest direct-all recipes: the adaptive optimizers
+# that broke the default protection (Adadelta 1.0, RMSprop 1e-3, Adagrad 1e-2, Adam 1e-3) and
+# SGD / momentum 1e-2, the optimizers a x10 re-scaling of BN-fed weights slows 100-fold.
+_UNDO = (("adadelta", 1.0), ("rmsprop", 1e-3), ("adagrad", 1e-2), ("adam", 1e-3), ("sgd", 1e-2), ("momentum", 1e-2))
+DEFAULT_V2: tuple[Recipe, ...] = DEFAULT_V1 + tuple(
+    R(strategy, opt, lr, 32) for strategy in ("renorm-all", "bnrecal-all") for opt, lr in _UNDO
+)
+
 # 4 recipes, one per strategy: for tests and quick demos only.
 TEST_V1: tuple[Recipe, ...] = (
     R("initFC-all", "adam", 1e-3, 32),
@@ -125,7 +136,8 @@ PAPER_V1_PROTOCOL = SuiteProtocol(
 
 DEFAULT_SUITE = "default-v1"
 SUITES: dict[str, tuple[Recipe, ...]] = {"quick-v1": QUICK_V1, "quick-v2": QUICK_V2, "quick-v3": QUICK_V3,
-                                         "default-v1": DEFAULT_V1, "test-v1": TEST_V1, "paper-v1": PAPER_V1}
+                                         "default-v1": DEFAULT_V1, "test-v1": TEST_V1, "paper-v1": PAPER_V1,
+                                         "default-v2": DEFAULT_V2}
 PROTOCOLS: dict[str, SuiteProtocol] = {"paper-v1": PAPER_V1_PROTOCOL}
 
 
