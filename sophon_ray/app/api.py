@@ -80,7 +80,10 @@ def protect(cfg: PipelineConfig, source: str | Path, out: str | Path, *, workers
 def audit(cfg: PipelineConfig, model: str | Path, out: str | Path, *, force: bool = False, log: Log = print,
           **options: Any) -> dict[str, Any]:
     """`sophon-ray audit`: returns the audit.json dict. `options`: suite, search, budgets, seeds,
-    concurrency, epsilon, min_gap, ray_address, samples, judge_dir (as `audit.driver.run_audit`)."""
+    concurrency, epsilon, min_gap, ray_address, samples, judge_dir, standard_cfg (as
+    `audit.driver.run_audit`). To let the audit certify, pass `standard_cfg=pipeline(NAME_OR_FILE)`
+    (the pipeline as written, no overrides) as the CLI does; without it only a bundled pipeline's
+    name has a known budget standard."""
     from sophon_ray.app import tracked
     from sophon_ray.audit.driver import check_thresholds
 
@@ -93,7 +96,8 @@ def audit(cfg: PipelineConfig, model: str | Path, out: str | Path, *, force: boo
 def run(cfg: PipelineConfig, out: str | Path, *, source: str | Path | None = None, force: bool = False,
         log: Log = print, **options: Any) -> dict[str, Any]:
     """`sophon-ray run`: pretrain (or protect `source`) -> protect -> audit; returns the summary
-    (audit, metrics, times, paths). `options` as `app.workflow.run_pipeline`."""
+    (audit, metrics, times, paths). `options` as `app.workflow.run_pipeline` (including
+    `standard_cfg`, as for `audit`)."""
     from sophon_ray.app.workflow import run_pipeline
     from sophon_ray.outputs import claim
 

@@ -64,6 +64,14 @@ def _name(pipeline: str) -> str:
     return Path(pipeline).stem if is_file_ref(pipeline) else pipeline
 
 
+def _standard(pipeline: str) -> Any:
+    """The pipeline as written (no --smoke, no --set): its largest budget is what a certifying
+    audit must reach, whatever --budgets or --set attack.budgets=... / name=... the audit ran with."""
+    from sophon_ray.pipelines import load
+
+    return load(pipeline, smoke=False)
+
+
 def cmd_pipelines(args: argparse.Namespace) -> int:
     from sophon_ray.pipelines import PIPELINES, describe_domains
 
@@ -191,7 +199,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         cfg, _model(args.model), out, _log, suite=args.suite, search=args.search,
         budgets=_budgets(args.budgets), concurrency=args.concurrency, seeds=args.seeds,
         epsilon=args.epsilon, min_gap=args.min_gap, ray_address=args.ray_address, samples=not args.no_samples,
-        judge_dir=str(judge), smoke=args.smoke, model_ref=args.model,
+        judge_dir=str(judge), smoke=args.smoke, model_ref=args.model, standard_cfg=_standard(args.pipeline),
     )
     return 1 if args.strict and not result["verdict"]["passed"] else 0
 
@@ -217,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite=args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
-        verbose=args.verbose, log=_log, samples=not args.no_samples,
+        verbose=args.verbose, log=_log, samples=not args.no_samples, standard_cfg=_standard(args.pipeline),
     )
     audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
     m = task.metric

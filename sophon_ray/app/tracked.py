@@ -5,8 +5,9 @@ from the in-process loop or, on Ray Train, from rank 0's progress reports read b
 audit trials reach MLflow through a Tune callback on the driver. The store and experiment are
 created before any Ray worker or trial starts. Registration happens only after a run
 succeeded: protect registers a new version with alias `candidate`; an audit of that exact
-sha256 is recorded on it, and the alias `audited` follows the strongest audit recorded, set only
-when that audit's status is `passed` and it meets the recorded minimum (`audit.driver.certification`).
+sha256 is recorded on it, and the alias `audited` is set only by an audit whose status is `passed`,
+that meets the recorded minimum (`audit.driver.certification`) and that no earlier failed audit
+of the same weights outdoes in any respect (`tracking.registry.decide`).
 
 Metric names say what they measure: per-iteration protection metrics are logged as
 `sim_<metric>` / `orig_<metric>` (e.g. `sim_mse`, `orig_accuracy`), final metrics come from the
@@ -107,7 +108,11 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
             targets = sorted(set(targets) | {(model_name, int(version))})
         for name, ver in targets:
             rec = tracking.record_audit(name, ver, result, run.run_id)
-            if rec["overridden_by"]:
+            if rec.get("blocked_by") and not rec["audited"]:
+                log(f"registry: {name} version {ver}: this audit passed and meets the minimum, but earlier failed "
+                    f"audit(s) (run {', '.join(r[:12] for r in rec['blocked_by'])}) were stronger in some respect "
+                    "(recipes, trials, largest budget or epsilon): alias audited not set; audit at least as strongly")
+            elif rec["overridden_by"]:
                 log(f"registry: {name} version {ver}: this audit ({rec['status']}) is recorded, but a stronger earlier "
                     f"audit (run {rec['overridden_by'][:12]}) decides: alias audited "
                     f"{'stays' if rec['audited'] else 'not set'}")

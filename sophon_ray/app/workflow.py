@@ -48,6 +48,7 @@ def run_pipeline(
     verbose: bool = False,
     log: Log = print,
     source: str | Path | None = None,
+    standard_cfg: PipelineConfig | None = None,
 ) -> dict[str, Any]:
     """Run every stage (skipping those already done for this config); returns a summary dict.
 
@@ -55,7 +56,9 @@ def run_pipeline(
     audit's attacks; `epsilon` / `min_gap` None are the kind's defaults (min_gap: attack.min_gap
     first); `smoke` is recorded in the audit (a smoke audit never certifies); `samples` lets a diffusion audit draw
     sample grids and judge them (judge cached in `root/judge`). `source`: a local model directory
-    to protect instead of pretraining one (`sophon-ray run --source`; checked against the pipeline first)."""
+    to protect instead of pretraining one (`sophon-ray run --source`; checked against the pipeline first).
+    `standard_cfg`: the pipeline as written (not smoke, no overrides), the budget standard a
+    certifying audit is held to (`audit.driver.standard_of`; the CLI passes it)."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
@@ -114,7 +117,8 @@ def run_pipeline(
             result = tracked.audit(cfg, str(protected), audit_dir, log, model_name=model_name, version=version,
                                    suite=suite, search=search, seeds=seeds, concurrency=concurrency, epsilon=epsilon,
                                    min_gap=min_gap, smoke=smoke,
-                                   ray_address=ray_address, samples=samples, judge_dir=str(root / "judge"))
+                                   ray_address=ray_address, samples=samples, judge_dir=str(root / "judge"),
+                                   standard_cfg=standard_cfg)
             write_json_atomic(done, {"stage": stage})
         times["audit"] = time.perf_counter() - t0
     finally:

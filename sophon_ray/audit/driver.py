@@ -21,9 +21,11 @@ does the same when `fault_trial` is None.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRA
              "TUNE_DISABLE_SIGINT_HANDLER": "1"}  # Ctrl-C must stop the audit, not end it with a partial verdict
 # What an audit must be to certify a model (registry alias `audited`), besides status "passed":
 # docs/design.md explains each figure.
-MINIMUM = {"recipes": 16, "seeds": 2}
+MINIMUM = {"recipes": 16, "seeds": 3}  # seeds: of every re-run recipe, its explore run included
 Log = Callable[[str], None]
 
 
@@ -61,6 +63,7 @@ class Plan:
     search: int | None
     seeds: int
     fault: tuple[str, str] | None
+    standard: dict[str, Any] | None = None  # what a certifying audit is held to: `standard_of`
 
 
 def check_budgets(budgets: Any) -> tuple[int, ...]:
@@ -109,13 +112,14 @@ def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
 
 
 def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int | None, budgets: Any,
-              seeds: int, fault_trial: Any, log: Log, model_ref: str | None = None) -> Plan:
+              seeds: int, fault_trial: Any, log: Log, model_ref: str | None = None,
+              standard_cfg: PipelineConfig | None = None) -> Plan:
     """Validate every input of an audit (no Ray, nothing written) and resolve the subjects.
 
     Args:
         cfg: the pipeline config; model: the protected model dir; model_ref: what the user named
             (an MLflow URI resolved to `model`), recorded as audit.json's model uri.
-        suite, search, budgets, seeds, fault_trial: as in `run_audit`.
+        suite, search, budgets, seeds, fault_trial, standard_cfg: as in `run_audit`.
         log: progress lines.
     Returns:
         The validated Plan. Raises UserError on bad input.
@@ -146,7 +150,7 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
         subjects["original"] = original
     mode = (suite or task.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
     return Plan(cfg, str(model_ref or model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
-                _parse_fault(fault_trial))
+                _parse_fault(fault_trial), standard=standard_of(cfg, standard_cfg))
 
 
 def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, int]:
@@ -278,33 +282,101 @@ def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str,
     return records
 
 
-def strength(plan: Plan, n_explore: int, total: int, epsilon: float, min_gap: float, smoke: bool) -> dict[str, Any]:
-    """What this audit tried (audit.json "strength"), and the standard it is held to for certifying:
-    the pipeline's own (non-smoke) largest budget and the kind's default epsilon and min_gap."""
+def standard_of(cfg: PipelineConfig, standard_cfg: PipelineConfig | None) -> dict[str, Any]:
+    """The budget a certifying audit of `cfg` must reach, from the pipeline as written: before
+    `--budgets`, `--set attack.budgets=...` or a rename with `--set name=...`.
+
+    Args:
+        cfg: the audited config (overrides applied).
+        standard_cfg: the same pipeline loaded from its name or file with smoke=False and no
+            overrides (the CLI passes it), or None.
+    Returns:
+        {"source": "pipeline" (standard_cfg) | "bundled" (no standard_cfg, but `cfg.name` is a
+        bundled pipeline of the same kind: its budgets) | "unknown" (anything else: the audit never
+        certifies), "pipeline", "budgets", "max_budget"[, "reason"]}.
+    """
     from sophon_ray.pipelines import PIPELINES
 
+    source = "pipeline"
+    if standard_cfg is None and cfg.name in PIPELINES:
+        standard_cfg, source = PIPELINES[cfg.name].get_config(smoke=False), "bundled"
+    if standard_cfg is None:
+        why = (f"{cfg.name!r} is not a bundled pipeline and the pipeline as written was not given "
+               "(the CLI gives it; from Python pass standard_cfg=sophon_ray.pipeline(NAME_OR_FILE))")
+    elif standard_cfg.kind != cfg.kind:
+        why = f"the audited config is a {cfg.kind} pipeline, the pipeline as written a {standard_cfg.kind} one"
+    elif not standard_cfg.attack.budgets:
+        why = f"pipeline {standard_cfg.name!r} has no attack.budgets"
+    else:
+        budgets = [int(b) for b in standard_cfg.attack.budgets]
+        return {"source": source, "pipeline": standard_cfg.name, "budgets": budgets, "max_budget": max(budgets)}
+    return {"source": "unknown", "pipeline": cfg.name, "budgets": None, "max_budget": None, "reason": why}
+
+
+_TRIAL_ID = re.compile(r"-r(\d+)-s(\d+)$")  # space.trial_id: "<subject>-r<recipe index>-s<seed>"
+
+
+def ran(trials: list[dict[str, Any]]) -> dict[str, int]:
+    """What the trial records show was run: {"recipes": distinct recipes, "reruns": recipes
+    re-run with more seeds, "seeds": the fewest seeds a re-run recipe finished (status ok) on any
+    subject, its explore run (seed 0) included; 1 when no recipe was re-run, 0 with no ok trial}."""
+    planned: dict[tuple[Any, str], set[int]] = {}
+    ok: dict[tuple[Any, str], set[int]] = {}
+    for t in trials:
+        m = _TRIAL_ID.search(str(t.get("id", "")))
+        key = (int(m.group(1)) if m else json.dumps(t.get("recipe"), sort_keys=True), str(t.get("subject")))
+        seed = int(t.get("seed") or 0)
+        planned.setdefault(key, set()).add(seed)
+        if t.get("status") == "ok":
+            ok.setdefault(key, set()).add(seed)
+    rerun = {i for (i, _), seeds in planned.items() if any(s > 0 for s in seeds)}
+    if rerun:
+        seeds = min(len(ok.get(key, ())) for key in planned if key[0] in rerun)
+    else:
+        seeds = 1 if ok else 0
+    return {"recipes": len({i for i, _ in planned}), "reruns": len(rerun), "seeds": seeds}
+
+
+def strength(plan: Plan, trials: list[dict[str, Any]], total: int, epsilon: float, min_gap: float, smoke: bool,
+             n_explore: int | None = None) -> dict[str, Any]:
+    """What this audit ran (audit.json "strength") and the standard it is held to for certifying.
+
+    Recipes and seeds come from the trial records (`ran`), not from what was asked: an audit whose
+    re-runs did not happen (top_k=0, or none planned) records 1 seed whatever --seeds said
+    (`seeds_requested`). The standard: the pipeline's own largest budget as written
+    (`plan.standard`, see `standard_of`), the kind's default epsilon and min_gap, and MINIMUM.
+    """
     task = tasks.of(plan.cfg)
-    std = PIPELINES[plan.cfg.name].get_config().attack.budgets if plan.cfg.name in PIPELINES else plan.cfg.attack.budgets
-    return {"mode": plan.mode, "recipes": n_explore, "trials": total, "seeds": plan.seeds,
-            "budgets": list(plan.cfg.attack.budgets), "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke),
-            "subjects": sorted(plan.subjects),
-            "standard": {"max_budget": max(std), "epsilon": task.epsilon, "min_gap": task.min_gap, **MINIMUM}}
+    std = plan.standard if plan.standard is not None else standard_of(plan.cfg, None)
+    counted = ran(trials)
+    protocol = getattr(plan, "protocol", None) or tasks.STEPS_PROTOCOL  # a suite's SuiteProtocol, if any
+    return {"mode": plan.mode, "recipes": counted["recipes"], "recipes_planned": n_explore, "trials": total,
+            "reruns": counted["reruns"], "seeds": counted["seeds"], "seeds_requested": plan.seeds,
+            "budgets": list(plan.cfg.attack.budgets), "unit": protocol.unit, "suite_certifies": protocol.certifies,
+            "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke), "subjects": sorted(plan.subjects),
+            "standard": {**std, "epsilon": task.epsilon, "min_gap": task.min_gap, **MINIMUM}}
 
 
 def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     """Whether an audit may certify the model (alias `audited`), and why not: status passed, and at
-    least the recorded minimum (not smoke, MINIMUM recipes and seeds, the pipeline's largest budget,
-    epsilon and min_gap no laxer than the kind's defaults)."""
+    least the recorded minimum (not smoke, MINIMUM recipes and seeds, the largest budget of the
+    pipeline as written, which must be known, epsilon and min_gap no laxer than the kind's defaults)."""
     std, problems = s["standard"], []
     if verdict.get("status") != "passed":
         problems.append(f"status {verdict.get('status')}, not passed")
     if s["smoke"]:
         problems.append("a --smoke audit")
+    if s.get("suite_certifies") is False:
+        problems.append(f"suite {s.get('mode')}'s protocol does not certify")
     if s["recipes"] < std["recipes"]:
         problems.append(f"{s['recipes']} recipes < {std['recipes']}")
     if s["seeds"] < std["seeds"]:
-        problems.append(f"{s['seeds']} seeds < {std['seeds']}")
-    if max(s["budgets"]) < std["max_budget"]:
+        problems.append(f"{s['seeds']} seeds per re-run recipe < {std['seeds']}")
+    if std.get("max_budget") is None:
+        problems.append(f"no budget standard: {std.get('reason') or 'the pipeline as written is unknown'}")
+    elif s.get("unit", "steps") != "steps":
+        problems.append(f"budgets in {s['unit']}, the pipeline's in steps")
+    elif max(s["budgets"]) < std["max_budget"]:
         problems.append(f"largest budget {max(s['budgets'])} < the pipeline's {std['max_budget']}")
     if s["epsilon"] > std["epsilon"]:
         problems.append(f"epsilon {s['epsilon']:g} > {std['epsilon']:g}")
@@ -324,7 +396,7 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
     worst = worst_case(trials, metric)
     detail = worst_case_detail(trials, metric)
     v = verdict(worst, epsilon, metric, failed_trials=failed, min_gap=min_gap)
-    s = strength(plan, n_explore, expected, epsilon, min_gap, smoke)
+    s = strength(plan, trials, expected, epsilon, min_gap, smoke, n_explore=n_explore)
     return {
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
         "metric": metric.name, "attacker_goal": metric.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
@@ -375,7 +447,8 @@ def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: L
 def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurrency=None, seeds=3,
               epsilon=None, ray_address=None, log=print, callbacks=None, fault_trial=None,
               cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, top_k: int = TOP_K,
-              samples: bool = True, judge_dir=None, min_gap=None, smoke: bool = False, model_ref=None) -> dict:
+              samples: bool = True, judge_dir=None, min_gap=None, smoke: bool = False, model_ref=None,
+              standard_cfg=None) -> dict:
     """Audit a protected model: many real attacks on Ray Tune vs scratch and original baselines.
 
     Args:
@@ -398,6 +471,8 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
             (default `<out>/judge`).
         min_gap: the control power a `passed` verdict needs (default: attack.min_gap, else the
             kind's); smoke: the config is a --smoke one (recorded; such an audit never certifies).
+        standard_cfg: the pipeline as written (not smoke, no overrides), whose largest budget a
+            certifying audit must reach (see `standard_of`; None: a bundled name's own, else none).
     Returns:
         The audit.json dict.
     """
@@ -406,7 +481,7 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     check_thresholds(cfg, epsilon, min_gap)
     guard(out, "audit")  # never write into a user's folder (the CLI claimed it, with --force or not)
     plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
-                     fault_trial=fault_trial, log=log, model_ref=model_ref)
+                     fault_trial=fault_trial, log=log, model_ref=model_ref, standard_cfg=standard_cfg)
     task = tasks.of(plan.cfg)
     epsilon = task.epsilon if epsilon is None else epsilon
     for k, v in QUIET_ENV.items():

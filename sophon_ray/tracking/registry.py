@@ -8,13 +8,16 @@ Version tags written here:
 - at registration: `weights_sha256`, `card_sha256`, `source_model`, `domains` (JSON),
   `protect_run_id`, `pipeline`; the alias `candidate` moves to the new version;
 - by `record_audit`: every audit is kept as its own tag `audit/<run id>` (compact JSON: status,
-  certifies, trials, largest budget, epsilon, margin, control gap); the summary tags
+  certifies, recipes, trials, largest budget, epsilon, margin, control gap); the summary tags
   `audit_run_id`, `audit_status`, `audit_certifies`, `audit_margin`, `audit_epsilon`,
-  `audit_passed`, `audit_sha256` describe the *decisive* audit: the strongest one recorded
-  (certifying before not, then more trials, larger budget, smaller epsilon; the later one on a
-  tie). The alias `audited` is on the version iff its decisive audit certifies (status `passed`
-  and the recorded minimum, see `audit.driver.certification`). A weaker later audit never
-  overrides a stronger earlier one; it is recorded and `record_audit` says so.
+  `audit_passed`, `audit_sha256` describe the *decisive* audit (`decide`). A failed audit blocks
+  certification by any audit that is not at least as strong in every respect (recipes, trials,
+  largest budget, epsilon no laxer), so weights cannot be re-audited more weakly until something
+  passes. The alias `audited` is on the version iff some certifying audit (status `passed` and the
+  recorded minimum, see `audit.driver.certification`) is blocked by no failed one; the strongest
+  such decides. Otherwise the strongest audit that does not certify decides (strength first,
+  outcome second, the later one on a tie). A weaker later audit never overrides a stronger
+  earlier one; it is recorded and `record_audit` says so.
 - `promote` sets any alias, but `audited` and `production` only on a version whose decisive
   audit certifies its exact weights.
 
@@ -178,15 +181,45 @@ def _summary(audit: dict[str, Any], audit_run_id: str | None) -> dict[str, Any]:
     v, s = audit["verdict"], audit.get("strength") or {}
     return {"run": audit_run_id or "", "status": v.get("status") or ("passed" if v.get("passed") else "failed"),
             "certifies": bool((audit.get("certification") or {}).get("certifies")),
-            "trials": int(s.get("trials") or len(audit.get("trials") or [])),
+            "recipes": int(s.get("recipes") or 0), "trials": int(s.get("trials") or len(audit.get("trials") or [])),
             "max_budget": max(audit.get("budgets") or [0]), "epsilon": v.get("epsilon"), "margin": v.get("margin"),
             "control_gap": v.get("control_gap"), "order": 0}
 
 
-def _strength_key(a: dict[str, Any]) -> tuple:
+def _strength(a: dict[str, Any]) -> tuple[int, int, int, float]:
+    """(recipes, trials, largest budget, -epsilon) of a recorded audit: larger is stronger in each."""
     eps = a.get("epsilon")
-    return (bool(a.get("certifies")), int(a.get("trials") or 0), int(a.get("max_budget") or 0),
-            -(float(eps) if eps is not None else 1e9), int(a.get("order") or 0))
+    return (int(a.get("recipes") or 0), int(a.get("trials") or 0), int(a.get("max_budget") or 0),
+            -(float(eps) if eps is not None else 1e9))
+
+
+def at_least_as_strong(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether audit `a` is at least as strong as `b` in every respect: recipes, trials, largest
+    budget, and an epsilon no laxer."""
+    return all(x >= y for x, y in zip(_strength(a), _strength(b)))
+
+
+_OUTCOME = {"failed": 2, "inconclusive": 1}  # on equal strength the more damning outcome ranks first
+
+
+def _strength_key(a: dict[str, Any]) -> tuple:
+    """"The strongest audit": strength first (recipes, trials, largest budget, smaller epsilon),
+    outcome second (failed, inconclusive, passed), then the later one."""
+    return (*_strength(a), _OUTCOME.get(str(a.get("status")), 0), int(a.get("order") or 0))
+
+
+def decide(audits: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """(the decisive audit, whether the weights are certified) from the audits recorded on them.
+
+    A failed audit blocks certification by every audit that is not `at_least_as_strong` as it.
+    Certified: some certifying audit is blocked by no failed one; the strongest such decides.
+    Otherwise the strongest audit that does not certify decides (`_strength_key`).
+    """
+    failed = [a for a in audits if a.get("status") == "failed"]
+    free = [a for a in audits if a.get("certifies") and all(at_least_as_strong(a, f) for f in failed)]
+    if free:
+        return max(free, key=_strength_key), True
+    return max([a for a in audits if not a.get("certifies")] or audits, key=_strength_key), False
 
 
 def recorded_audits(mv: Any) -> list[dict[str, Any]]:
@@ -203,7 +236,7 @@ def recorded_audits(mv: Any) -> list[dict[str, Any]]:
 
 def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run_id: str | None,
                  tracking_uri: str | None = None) -> dict[str, Any]:
-    """Record an audit on a version; the alias `audited` follows the strongest audit recorded.
+    """Record an audit on a version; the alias `audited` follows `decide` over every audit recorded.
 
     Args:
         name, version: the registered version the audit examined.
@@ -212,7 +245,9 @@ def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run
     Returns:
         {"status": this audit's status, "certifies": whether it could certify, "audited": whether
         the version now holds alias `audited`, "decisive": the run id of the audit that decides,
-        "overridden_by": the stronger earlier audit's run id when this one does not decide, else None}.
+        "overridden_by": the earlier audit's run id when that one decides, else None, "blocked_by":
+        the earlier failed audits this certifying audit is not at least as strong as (then it cannot
+        certify), else []}.
     Raises:
         UserError: the version does not exist, or the audit examined other weights (sha256 differs).
     """
@@ -231,22 +266,23 @@ def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run
     this = {**_summary(audit, audit_run_id), "order": 1 + max((int(a.get("order") or 0) for a in earlier), default=0)}
     key = this["run"] or f"local-{this['order']}"
     client.set_model_version_tag(name, str(mv.version), AUDIT_TAG + key, json.dumps(this, separators=(",", ":")))
-    decisive = max([*earlier, this], key=_strength_key)
+    decisive, audited = decide([*earlier, this])
     margin = decisive.get("margin")
     tags = {"audit_run_id": decisive["run"], "audit_status": decisive["status"],
-            "audit_certifies": "true" if decisive["certifies"] else "false",
+            "audit_certifies": "true" if audited else "false",
             "audit_margin": "n/a" if margin is None else f"{float(margin):.6g}",
             "audit_epsilon": str(decisive.get("epsilon")), "audit_passed": "true" if decisive["status"] == "passed" else "false",
             "audit_sha256": got}
     for k, val in tags.items():
         client.set_model_version_tag(name, str(mv.version), k, val)
-    audited = bool(decisive["certifies"])
     if audited:
         client.set_registered_model_alias(name, AUDITED, str(mv.version))
     elif _aliases(client.get_registered_model(name)).get(AUDITED) == str(mv.version):
         client.delete_registered_model_alias(name, AUDITED)  # the strongest evidence about these weights does not certify
+    blocked_by = [a["run"] for a in earlier if a.get("status") == "failed" and not at_least_as_strong(this, a)]
     return {"status": this["status"], "certifies": this["certifies"], "audited": audited,
-            "decisive": decisive["run"], "overridden_by": None if decisive is this else decisive["run"]}
+            "decisive": decisive["run"], "overridden_by": None if decisive is this else decisive["run"],
+            "blocked_by": blocked_by if this["certifies"] else []}
 
 
 def promote(name: str, version: int | str, alias: str, tracking_uri: str | None = None) -> None:

@@ -251,19 +251,23 @@ class Tracker:
     def log_audit(self, audit: dict[str, Any], out_dir: str | Path | None = None) -> None:
         """Log an audit.json dict: verdict metrics, worst case per subject at step = budget, artifacts.
 
-        Metrics: `margin`, `epsilon`, `passed` (0/1), `failed_trials`, `trials`, `control_gap`,
-        `min_gap`, `worst_<subject>_<metric>` (e.g. `worst_protected_mse`), per part of a
-        breakdown `worst_<subject>_<metric>_<part>` (diffusion: `worst_protected_mse_t1`), and the control
-        `control_gap|residual|removed` at each budget (step = budget). Tags: `audit_status`
+        Metrics, each name for one figure only: the verdict's own figures once (step 0) as
+        `verdict_margin`, `verdict_epsilon`, `verdict_control_gap`, `verdict_min_gap`,
+        `verdict_passed` (0/1), `verdict_failed_trials`, and `trials` (records in audit.json);
+        per budget (step = budget) `worst_<subject>_<metric>` (e.g. `worst_protected_mse`), per
+        part of a breakdown `worst_<subject>_<metric>_<part>` (diffusion: `worst_protected_mse_t1`),
+        and the control's `budget_gap`, `budget_residual`, `budget_removed` (audit.json's verdict
+        `gap`, `residual`, `removed`). Tags: `audit_status`
         (passed | inconclusive | failed), `audit_reason`, `audit_certifies`, `audit_passed`,
         `model_sha256`, `audit_metric`, `attacker_goal`. With `out_dir`,
         its files (audit.json, report.html, PNG plots; hidden entries such as `.tune/` skipped).
         """
         v = audit.get("verdict") or {}
         cert = audit.get("certification") or {}
-        self.log_metrics({"margin": v.get("margin"), "epsilon": v.get("epsilon"), "passed": bool(v.get("passed")),
-                          "failed_trials": v.get("failed_trials"), "trials": len(audit.get("trials") or []),
-                          "control_gap": v.get("control_gap"), "min_gap": v.get("min_gap")})
+        self.log_metrics({"verdict_margin": v.get("margin"), "verdict_epsilon": v.get("epsilon"),
+                          "verdict_passed": bool(v.get("passed")), "verdict_failed_trials": v.get("failed_trials"),
+                          "trials": len(audit.get("trials") or []), "verdict_control_gap": v.get("control_gap"),
+                          "verdict_min_gap": v.get("min_gap")}, step=0)
         metric = audit.get("metric", "accuracy")
         for subject, curve in (audit.get("worst_case") or {}).items():
             for budget, value in sorted((curve or {}).items(), key=lambda kv: int(kv[0])):
@@ -276,7 +280,7 @@ class Tracker:
                     self.log_metrics({f"worst_{subject}_{metric}_{part}": value}, step=int(budget))
         for name in ("gap", "residual", "removed"):  # the control, per budget
             for budget, value in sorted((v.get(name) or {}).items(), key=lambda kv: int(kv[0])):
-                self.log_metrics({f"control_{name}": value}, step=int(budget))
+                self.log_metrics({f"budget_{name}": value}, step=int(budget))
         self.set_tags({"audit_status": str(v.get("status") or ("passed" if v.get("passed") else "failed")),
                        "audit_reason": str(v.get("reason") or ""),
                        "audit_certifies": "true" if cert.get("certifies") else "false",

@@ -42,7 +42,7 @@ def test_cli_pretrain_protect_attack(diffusion_models, tmp_path, capsys):
     assert "restricted mse" in capsys.readouterr().out
 
 
-def test_samples_command_writes_grids_and_judge_metric(diffusion_models, tmp_path):
+def test_samples_command_writes_grids_and_judge_metric(diffusion_models, tmp_path, capsys):
     out = tmp_path / "samples"
     rc = main(["samples", "digits-diffusion", *SMOKE, "--model", str(diffusion_models / "protected"), "--steps", "2",
                "--set", "diffusion.samples=4", "--set", "diffusion.sample_steps=3",
@@ -53,6 +53,22 @@ def test_samples_command_writes_grids_and_judge_metric(diffusion_models, tmp_pat
         "protected", "scratch", "original"}
     assert all((out / row["after"]["grid"]).is_file() for row in info["subjects"].values())
     assert (out / "judge" / "model.json").is_file()  # trained once, cached for the next call
+    # the judge metric: per subject and moment, the fractions of the 4 samples the judge recognised
+    # as a restricted digit and rejected as no digit; disjoint, so they sum to at most 1
+    judge = info["judge"]
+    assert judge["classes"] == [5, 6, 7, 8, 9] and 0 <= judge["test_accuracy"] <= 1
+    printed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "recognised" in line}
+    assert set(printed) == set(info["subjects"])
+    for name, row in info["subjects"].items():
+        moments = [w for w in ("before", "after") if w in row]
+        assert moments == (["after"] if name == "scratch" else ["before", "after"])  # scratch has no "before"
+        for when in moments:
+            rec, rej = row[when]["recognised"], row[when]["rejected"]
+            assert 0 <= rec <= 1 and 0 <= rej <= 1 and rec + rej <= 1 + 1e-9, (name, when, rec, rej)
+            assert rec * 4 == pytest.approx(round(rec * 4)) and rej * 4 == pytest.approx(round(rej * 4))
+        # what the command printed is what samples.json holds
+        assert f"recognised {({w: row[w]['recognised'] for w in moments})}" in printed[name]
+        assert f"rejected as no digit {({w: row[w]['rejected'] for w in moments})}" in printed[name]
 
 
 @pytest.fixture(scope="module")

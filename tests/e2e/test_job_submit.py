@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -104,7 +105,11 @@ def test_ray_job_submit_run_registers_audited_model(ray_head, tmp_path):
         versions = client.search_model_versions("name='sophon-digits'")
         assert len(versions) == 1
         tags = versions[0].tags
-        assert tags["audit_status"] in ("passed", "inconclusive", "failed") and "audit_run_id" in tags
+        audit = json.loads((out / "audit" / "audit.json").read_text())  # what the job's audit wrote
+        assert tags["audit_status"] == audit["verdict"]["status"] and tags["audit_sha256"] == audit["model"]["sha256"]
+        audit_run = client.get_run(tags["audit_run_id"])  # the job's audit run says the same
+        assert audit_run.data.tags["audit_status"] == audit["verdict"]["status"]
+        assert audit_run.data.tags["ray_job_submission_id"] == job_id
         assert "weights_sha256" in tags and tags["audit_certifies"] == "false"  # a --smoke audit never certifies
         aliases = client.get_registered_model("sophon-digits").aliases
         assert aliases.get("candidate") == versions[0].version and "audited" not in aliases

@@ -53,7 +53,7 @@ def _model_dir(out: Path, seed: int) -> Path:
 
 
 def _audit(sha: str, passed: bool, margin: float, status: str | None = None, certifies: bool | None = None,
-           trials: int = 100) -> dict:
+           trials: int = 100, recipes: int | None = None) -> dict:
     status = status or ("passed" if passed else "failed")
     certifies = status == "passed" if certifies is None else certifies
     return {"format": "sophon-ray/audit@1", "model": {"uri": "x", "sha256": sha}, "pipeline": "digits",
@@ -61,7 +61,8 @@ def _audit(sha: str, passed: bool, margin: float, status: str | None = None, cer
             "worst_case": {"protected": {"25": 0.2, "50": 0.3}, "scratch": {"25": 0.25, "50": 0.31}},
             "verdict": {"passed": status == "passed", "status": status, "epsilon": 0.02, "margin": margin,
                         "failed_trials": 0},
-            "strength": {"trials": trials}, "certification": {"certifies": certifies, "problems": []}}
+            "strength": {"trials": trials, **({"recipes": recipes} if recipes is not None else {})},
+            "certification": {"certifies": certifies, "problems": []}}
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,73 @@ def test_registry_lifecycle_and_tamper_refused(store, tmp_path, monkeypatch):
     (stored / WEIGHTS).write_bytes((stored / WEIGHTS).read_bytes()[:-8] + b"\0" * 8)  # plain corruption
     with pytest.raises(UserError, match="sha256"):
         download_model(f"models:/{name}/{version}", tracking_uri=uri)
+
+
+def test_a_failed_audit_blocks_weaker_passing_audits_of_the_same_weights(sqlite_uri, tmp_path):
+    """No audit shopping: after a failed 48-recipe audit, a passing 16-recipe audit of the same
+    version is recorded but leaves `audited` unset; only an audit at least as strong certifies."""
+    uri, name = sqlite_uri, "shopping"
+    model = _model_dir(tmp_path / "protected", seed=5)
+    sha = sha256_file(model / WEIGHTS)
+    with Tracker.start("protect", "digits", {"seed": 5}, tracking_uri=uri) as t:
+        t.log_model_dir(model)
+    version = register_protected(model, name, t.run_id, tracking_uri=uri)
+    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.2, recipes=48, trials=186), "run-48",
+                       tracking_uri=uri)
+    assert rec["audited"] is False
+    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, recipes=16, trials=90), "run-16",
+                       tracking_uri=uri)
+    assert rec == {"status": "passed", "certifies": True, "audited": False, "decisive": "run-48",
+                   "overridden_by": "run-48", "blocked_by": ["run-48"]}
+    tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
+    assert "audited" not in show(name, tracking_uri=uri)["aliases"]
+    assert (tags["audit_run_id"], tags["audit_status"], tags["audit_certifies"]) == ("run-48", "failed", "false")
+    assert json.loads(tags["audit/run-16"])["recipes"] == 16 and json.loads(tags["audit/run-48"])["recipes"] == 48
+    with pytest.raises(UserError, match="no certifying audit"):
+        promote(name, version, "audited", tracking_uri=uri)
+    # more recipes but fewer trials than the failed audit: still not at least as strong
+    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, recipes=64, trials=150), "run-64",
+                       tracking_uri=uri)
+    assert rec["audited"] is False and rec["blocked_by"] == ["run-48"]
+    # as strong in every respect (recipes, trials, largest budget, epsilon): certifies
+    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, recipes=48, trials=186), "run-48b",
+                       tracking_uri=uri)
+    assert rec["audited"] is True and rec["decisive"] == "run-48b" and rec["blocked_by"] == []
+    assert show(name, tracking_uri=uri)["aliases"]["audited"] == str(version)
+
+
+def test_audit_run_metrics_match_audit_json(sqlite_uri, tmp_path):
+    """The verdict's figures under their own names: the run's `verdict_control_gap` is audit.json's
+    control gap (the largest gap over budgets), not the gap at the largest budget, and the per-budget
+    gaps have their own key. Read back through the MLflow client, compared with the logged audit.json."""
+    from sophon_ray.audit.verdict import verdict, worst_case
+    from sophon_ray.outputs import write_json_atomic
+
+    trials = [{"subject": s, "status": "ok", "curve": c} for s, c in (
+        ("protected", {"25": 0.30, "50": 0.52, "100": 0.80}), ("scratch", {"25": 0.31, "50": 0.52, "100": 0.80}),
+        ("original", {"25": 0.60, "50": 0.70, "100": 0.80}))]
+    worst = worst_case(trials)
+    audit = {"format": "sophon-ray/audit@1", "model": {"uri": "x", "sha256": "ab" * 32}, "pipeline": "digits",
+             "metric": "accuracy", "attacker_goal": "max", "budgets": [25, 50, 100], "trials": trials,
+             "worst_case": worst, "verdict": verdict(worst, 0.02, min_gap=0.10),
+             "certification": {"certifies": False, "problems": ["a --smoke audit"]}}
+    assert audit["verdict"]["control_gap"] == pytest.approx(0.29) and audit["verdict"]["gap"]["100"] == 0.0
+    out = tmp_path / "audit"
+    out.mkdir()
+    write_json_atomic(out / "audit.json", audit)
+    with Tracker.start("audit", "digits", {"suite": "x"}, tracking_uri=sqlite_uri) as run:
+        run.log_audit(audit, out)
+    c = _client(sqlite_uri)
+    logged = json.loads(Path(c.download_artifacts(run.run_id, "audit.json", str(tmp_path / "dl"))).read_text())
+    v, metrics = logged["verdict"], c.get_run(run.run_id).data.metrics
+    assert metrics["verdict_control_gap"] == pytest.approx(v["control_gap"])
+    assert metrics["verdict_margin"] == pytest.approx(v["margin"]) and metrics["verdict_epsilon"] == v["epsilon"]
+    assert metrics["verdict_min_gap"] == v["min_gap"] and metrics["verdict_passed"] == float(v["passed"])
+    assert [m.step for m in c.get_metric_history(run.run_id, "verdict_control_gap")] == [0]  # logged once
+    for name in ("gap", "residual", "removed"):
+        history = {str(m.step): m.value for m in c.get_metric_history(run.run_id, f"budget_{name}")}
+        assert history == pytest.approx({b: x for b, x in v[name].items() if x is not None}), name
+    assert c.get_run(run.run_id).data.tags["audit_status"] == v["status"] == "passed"
 
 
 def test_unknown_names_are_one_line_user_errors(store):

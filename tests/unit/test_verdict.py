@@ -72,7 +72,7 @@ def test_certification_needs_status_and_the_recorded_minimum():
     from sophon_ray.audit.driver import MINIMUM, certification
 
     std = {"max_budget": 100, "epsilon": 0.02, "min_gap": 0.10, **MINIMUM}
-    strong = {"smoke": False, "recipes": 19, "seeds": 2, "budgets": [10, 25, 50, 100], "epsilon": 0.02, "min_gap": 0.10,
+    strong = {"smoke": False, "recipes": 19, "seeds": 3, "budgets": [10, 25, 50, 100], "epsilon": 0.02, "min_gap": 0.10,
               "standard": std}
     assert certification({"status": "passed"}, strong) == {"certifies": True, "problems": []}
     assert not certification({"status": "inconclusive"}, strong)["certifies"]
