@@ -109,6 +109,11 @@ class ProtectConfig:
     guard_backoff: float = 0.5  # on rollback, multiply the FTS learning rate by this
     seed: int = 0
     env: EnvSpace = field(default_factory=EnvSpace)
+    # Where protection starts: "source" (the source model's weights, SOPHON as published) or "fresh"
+    # (co-training: a seeded random init learns the original task from the frozen source as a
+    # teacher, CE + distillation on original images, while FTS suppresses the restricted one; the
+    # guard only measures until it first passes). docs/design.md, "Co-training".
+    init: str = "source"
 
 
 @dataclass(frozen=True)
@@ -345,3 +350,36 @@ def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
             raise UserError(f"{where}: expected a mapping, got {data!r}")
         return dict(data)
     return _coerce(data, obj, where)
+
+
+# Named protection presets: `--preset NAME` (protect, run) puts these `--set` overrides before the
+# user's own, so every field stays visible in the resolved config and a later --set wins.
+# "paper": the SOPHON paper's classification settings as closely as the pipeline allows
+# (docs/design.md, "The paper's protocol"): ICE in the paper's formula -log(1 - p_y) (`ice-comp`;
+# the released code computes CrossEntropy(1 - logits), which equals `ice-neg` because softmax is
+# shift-invariant), ONE simulated environment per step, K = 50 inner SGD steps at lr 1e-4 with the
+# head re-initialised (Xavier, zero bias) before each simulation, support batches of 130 and query
+# batches of 20 (the reference splits each batch of 150 into 90% adaptation, 10% evaluation),
+# first-order meta-gradient averaged uniformly over the steps, Adam outer lr 3e-4 (FTS) and 5e-4
+# (NTR) with NTR batches of 150, total gradient norm clipped to 0.5, 1,000 outer iterations of one
+# FTS and one NTR step. Kept from the pipeline: the guard (relative to the source's accuracy, the
+# reference's is an absolute 80%) and the data.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": (
+        "protect.loss=ice-comp", "protect.iterations=1000", "protect.ml_loop=1", "protect.nl_loop=1",
+        "protect.envs_per_step=1", "protect.inner_steps=50", "protect.query_every=1", "protect.weighting=uniform",
+        "protect.order=first", "protect.support_per_class=None", "protect.env.optimizers=['sgd']",
+        "protect.env.lr={'sgd': (1e-4, 1e-4)}", "protect.env.batch_sizes=[130]", "protect.env.reinit_head_prob=1.0",
+        "protect.env.head_only_prob=0.0", "protect.query_batch=20", "protect.ntr_batch=150", "protect.alpha=3e-4",
+        "protect.beta=5e-4", "protect.clip=0.5",
+    ),
+}
+
+
+def preset_overrides(name: str | None) -> tuple[str, ...]:
+    """The `--set` overrides of a named preset (empty for None; UserError for an unknown name)."""
+    if name is None:
+        return ()
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; use one of: {', '.join(PRESETS)} (or --set fields yourself)")
+    return PRESETS[name]

@@ -40,6 +40,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="replace whatever is at --out (default: refuse anything that is not this command's own output)")
 
 
+def _preset_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="named protection settings put before your --set overrides: 'paper' = the SOPHON "
+                        "paper's (ICE, K=50 inner SGD lr 1e-4 with head re-init, Adam 3e-4/5e-4, 1000 iterations)")
+
+
 def parse_recipe(text: str) -> Any:
     """`strategy=initFC-all,optimizer=adam,lr=1e-3` -> Recipe (unknown keys are an error)."""
     from sophon_ray.config import Recipe, apply_overrides
@@ -314,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="with --show: override a config field (repeatable)")
     p.add_argument("--smoke", action="store_true", help="with --show: the smoke settings")
+    _preset_flag(p)
     p.set_defaults(func=cmd_pipelines)
 
     p = sub.add_parser("import", help="make a source model directory from your own weights (safetensors, "
@@ -340,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a stopped Ray Train run from its last checkpoint")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
+    _preset_flag(p)
     _common(p)
     p.set_defaults(func=cmd_protect)
 
@@ -369,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--source", default=None, help="protect this model (directory or MLflow URI) instead of pretraining one")
+    _preset_flag(p)
     _common(p)
     p.set_defaults(func=cmd_run)
 
@@ -405,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
 
             # one resolved URI for this process, its Ray workers and MLflow's own helpers
             os.environ["MLFLOW_TRACKING_URI"] = resolve_uri(args.tracking_uri)
+        if getattr(args, "preset", None):
+            from sophon_ray.config import preset_overrides
+
+            args.overrides = [*preset_overrides(args.preset), *args.overrides]  # the user's --set wins
         return int(args.func(args) or 0)
     except UserError as e:
         if args.verbose:

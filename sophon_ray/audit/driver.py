@@ -63,6 +63,7 @@ class Plan:
     search: int | None
     seeds: int
     fault: tuple[str, str] | None
+    protocol: Any = None  # the suite's tasks.SuiteProtocol (unit, attacker data, metric key)
     standard: dict[str, Any] | None = None  # what a certifying audit is held to: `standard_of`
 
 
@@ -125,7 +126,11 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
         The validated Plan. Raises UserError on bad input.
     """
     task = tasks.of(cfg)
-    budgets = check_budgets(cfg.attack.budgets if budgets is None else budgets)
+    protocol = task.protocol(suite) if search is None or suite is not None else tasks.STEPS_PROTOCOL
+    if search is not None and protocol != tasks.STEPS_PROTOCOL:
+        raise UserError(f"suite {suite!r} is a fixed protocol ({protocol.note or protocol.unit}); it cannot seed a "
+                        "--search: run it alone (--suite) or seed the search with another suite")
+    budgets = check_budgets((protocol.budgets or cfg.attack.budgets) if budgets is None else budgets)
     if seeds is None or seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1 seed for the re-runs of the best recipes")
     if search is not None and search < 1:
@@ -139,7 +144,10 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
 
         for r in recipes:
             to_point(r, task.strategies)
-    cfg = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, budgets=budgets))
+    attack = dataclasses.replace(cfg.attack, budgets=budgets)
+    if protocol.attacker_data == "full":  # the suite's own attacker data: the whole restricted training split
+        attack = dataclasses.replace(attack, train_per_class=None)
+    cfg = dataclasses.replace(cfg, attack=attack)
     task = tasks.of(cfg)
     t = task.load_tensors()
     model_dir = _resolve_dir(model)
@@ -150,7 +158,7 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
         subjects["original"] = original
     mode = (suite or task.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
     return Plan(cfg, str(model_ref or model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
-                _parse_fault(fault_trial), standard=standard_of(cfg, standard_cfg))
+                _parse_fault(fault_trial), protocol=protocol, standard=standard_of(cfg, standard_cfg))
 
 
 def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, int]:
@@ -235,7 +243,8 @@ def _tune(plan: Plan, planner: Any, out: Path, concurrency: int, callbacks: list
 
     storage, name = experiment(plan, out)
     trainable = tune.with_resources(
-        tune.with_parameters(attack_trial, cfg=plan.cfg, subjects=plan.subjects),
+        tune.with_parameters(attack_trial, cfg=plan.cfg, subjects=plan.subjects,
+                             protocol=plan.protocol or tasks.STEPS_PROTOCOL),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )
     tuner = tune.Tuner(
@@ -277,8 +286,10 @@ def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str,
         curve = dict((r.metrics or {}).get("curve") or {}) if r is not None else {}
         detail = dict((r.metrics or {}).get("detail") or {}) if r is not None else {}
         ok = r is not None and r.error is None and set(curve) == {str(b) for b in budgets}
+        seen = {k: (r.metrics or {}).get(k) for k in ("train_images", "step_budgets")} if r is not None else {}
         records.append({"id": tid, "subject": c["subject"], "recipe": c["recipe"], "seed": c["seed"],
-                        "status": "ok" if ok else "failed", "curve": curve, **({"detail": detail} if detail else {})})
+                        "status": "ok" if ok else "failed", "curve": curve, **({"detail": detail} if detail else {}),
+                        **{k: v for k, v in seen.items() if v is not None}})
     return records
 
 
@@ -401,8 +412,19 @@ def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: f
         "format": FORMAT, "model": {"uri": plan.model_uri, "sha256": plan.sha256}, "pipeline": plan.cfg.name,
         "metric": metric.name, "attacker_goal": metric.goal, "budgets": list(plan.cfg.attack.budgets), "trials": trials,
         "worst_case": worst, **({"worst_case_detail": detail} if detail else {}),
-        "verdict": v, "strength": s, "certification": certification(v, s),
+        "verdict": v, "strength": s, "certification": certification(v, s), "protocol": protocol_record(plan),
     }
+
+
+def protocol_record(plan: Plan) -> dict[str, Any]:
+    """audit.json "protocol": what the attacker was given, whatever suite set it (budgets and
+    their unit, the attacker's data, the metric the verdict used)."""
+    p = plan.protocol or tasks.STEPS_PROTOCOL
+    a = plan.cfg.attack
+    return {"suite": plan.mode, "unit": p.unit, "budgets": list(a.budgets),
+            "attacker_data": "full restricted training split" if a.train_per_class is None
+            else f"{a.train_per_class} images per class",
+            "metric_key": p.metric_key or "overall", "certifies": p.certifies, "note": p.note}
 
 
 def resolve_min_gap(cfg: PipelineConfig, min_gap: float | None) -> float:

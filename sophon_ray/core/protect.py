@@ -48,6 +48,7 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
         (cfg.guard_margin >= 0, "protect.guard_margin must be >= 0"),
         (cfg.query_every >= 1, "protect.query_every must be >= 1"),
         (cfg.weighting in ("uniform", "linear"), "protect.weighting must be uniform or linear"),
+        (cfg.init in ("source", "fresh"), "protect.init must be source or fresh"),
         (cfg.env_batching in ("sequential", "auto", "batched"), "protect.env_batching must be sequential, auto or batched"),
         (cfg.order == "first" or (cfg.query_every == 1 and cfg.weighting == "uniform"),
          "protect.query_every/weighting need protect.order=first"),
@@ -265,9 +266,13 @@ class Protection:
         return value <= self.source_value * (1.0 + self.cfg.guard_margin)
 
     def check_guard(self) -> dict[str, float]:
-        """Evaluate the original domain; keep a snapshot if it passes, else roll back and back off."""
+        """Evaluate the original domain; keep a snapshot if it passes, else roll back and back off.
+        Co-training from a fresh init (`protect.init=fresh`) starts far below the source: until the
+        guard first passes there is nothing to roll back to, so it only measures."""
         value = self.evaluate_original()
         self.guard.last_value = value
+        if not self._ok(value) and self.guard.best is None and self.cfg.init == "fresh":
+            return {"orig_metric": value, "guard_rollback": 0.0}
         if self._ok(value):
             self.guard.best = {
                 "model": copy.deepcopy(self.model.state_dict()),

@@ -346,6 +346,9 @@ class Task:
                 log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - start:.1f}s)")
 
         run(prot, progress)
+        if prot.guard.best is None:  # co-training that never reached the guard: say so, keep the weights
+            log(f"protect: the guard never passed (original {m.name} {prot.guard.last_value:.4f} vs source "
+                f"{source_value:.4f}); raise protect.iterations or protect.nl_loop")
         final = self.model_metrics(model, t)
         metrics = {**final, f"source_original_test_{m.name}": source_value,
                    "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration}
@@ -355,6 +358,18 @@ class Task:
             f"(source {source_value:.4f}), {prot.guard.rollbacks} guard rollbacks "
             f"({time.perf_counter() - start:.1f}s)")
         return modeldir.save_model_dir(out, model, self.make_card(t, "protected", lineage), metrics)
+
+    def fresh_start(self, model: torch.nn.Module, num_classes: int) -> torch.nn.Module | None:
+        """With `protect.init=fresh` (co-training): a frozen copy of `model` (the source) to be the
+        original domain's teacher, and `model` re-initialised in place (seeded by protect.seed), so
+        protection starts from no source-like weights. Returns None (and leaves `model`) otherwise."""
+        import copy
+
+        if self.cfg.protect.init != "fresh":
+            return None
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        model.load_state_dict(self.new_model(num_classes, self.cfg.protect.seed).state_dict())
+        return teacher
 
     def make_card(self, t: Tensors, role: str, lineage: dict[str, Any]) -> dict[str, Any]:
         """The model.json fields of a model made from the config; `lineage` gains this process's

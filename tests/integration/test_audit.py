@@ -34,12 +34,13 @@ def n_test(cfg):
 
 def _check_format(audit: dict, budgets: list[int], n_test: int) -> None:
     assert list(audit) == ["format", "model", "pipeline", "metric", "attacker_goal", "budgets", "trials",
-                           "worst_case", "verdict", "strength", "certification"]
+                           "worst_case", "verdict", "strength", "certification", "protocol"]
     assert audit["format"] == "sophon-ray/audit@1" and audit["pipeline"] == "digits"
     assert set(audit["model"]) == {"uri", "sha256"} and len(audit["model"]["sha256"]) == 64
     assert audit["metric"] == "accuracy" and audit["attacker_goal"] == "max" and audit["budgets"] == budgets
     for t in audit["trials"]:
-        assert set(t) == TRIAL_KEYS and t["subject"] in ("protected", "scratch", "original")
+        assert set(t) == TRIAL_KEYS | ({"train_images", "step_budgets"} if t["status"] == "ok" else set())
+        assert t["subject"] in ("protected", "scratch", "original")
         assert t["status"] in ("ok", "failed") and dataclasses.asdict(Recipe(**t["recipe"])) == t["recipe"]  # every field
         if t["status"] == "ok":
             assert list(t["curve"]) == [str(b) for b in budgets]
@@ -79,10 +80,28 @@ def test_suite_audit_with_baselines_retry_and_report(ray_local, models, cfg, n_t
     assert (out / ".tune").is_dir() and not list(out.glob(".*tmp*"))
 
 
+def test_paper_suite_gives_every_trial_the_whole_split_and_counts_epochs(ray_local, models, cfg, tmp_path):
+    """`--suite paper-v1` is the paper's protocol on any pipeline: every trial fine-tunes on the whole
+    restricted training split even where the pipeline limits the attacker (train_per_class=3 here),
+    and its budgets are epochs of floor(images / batch) optimizer steps; audit.json records both."""
+    limited = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, train_per_class=3))
+    n_train = len(tasks.of(cfg).load_tensors().restricted_train[1])
+    audit = _audit(limited, models / "protected", tmp_path, [], suite="paper-v1", budgets=(1, 2), seeds=1, top_k=0)
+    assert audit["protocol"] == {"suite": "paper-v1", "unit": "epochs", "budgets": [1, 2],
+                                 "attacker_data": "full restricted training split", "metric_key": "overall",
+                                 "certifies": False, "note": audit["protocol"]["note"]}
+    assert len(audit["trials"]) == 9 * 3 and all(t["status"] == "ok" for t in audit["trials"])
+    for t in audit["trials"]:
+        per = max(n_train // t["recipe"]["batch_size"], 1)
+        assert t["train_images"] == n_train and t["step_budgets"] == [per, 2 * per] and list(t["curve"]) == ["1", "2"]
+    assert {t["step_budgets"][0] for t in audit["trials"]} == {n_train // 200, n_train // 64}
+    assert audit["certification"]["certifies"] is False
+
+
 def _audit(cfg, model, out, lines, **kw):
     from sophon_ray.audit.driver import run_audit
 
-    return run_audit(cfg, str(model), out=out, concurrency=2, log=lines.append, top_k=1, **kw)
+    return run_audit(cfg, str(model), out=out, concurrency=2, log=lines.append, **{"top_k": 1, **kw})
 
 
 @pytest.mark.slow  # ~45 s: the failing trial is retried twice, each on a fresh actor

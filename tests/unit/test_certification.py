@@ -143,3 +143,13 @@ def test_a_failed_audit_blocks_every_audit_that_is_not_at_least_as_strong():
     # equal strength: the failed one ranks first among audits that do not certify
     assert decide([_rec("p", "inconclusive", 48), failed48])[0] is failed48
 
+
+def test_a_suite_protocol_that_does_not_certify_or_counts_epochs_never_certifies():
+    cfg = tasks.get_pipeline("digits")
+    trials = _trials(cfg.attack.budgets)
+    plan = _plan(cfg, load("digits"))
+    assert assemble(plan, trials, len(trials), 0.02, None, n_explore=16)["certification"]["certifies"]
+    for protocol, problem in ((tasks.SuiteProtocol(certifies=False), "suite quick-v3's protocol does not certify"),
+                              (tasks.SuiteProtocol(unit="epochs"), "budgets in epochs, the pipeline's in steps")):
+        audit = assemble(dataclasses.replace(plan, protocol=protocol), trials, len(trials), 0.02, None, n_explore=16)
+        assert audit["certification"]["problems"] == [problem]

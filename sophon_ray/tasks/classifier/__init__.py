@@ -93,11 +93,14 @@ class ClassifierTask(Task):
         return modeldir.save_model_dir(out, model, card, {"original_test_accuracy": acc})
 
     def build_protection(self, model: torch.nn.Module, t: Tensors, source_value: float, **dist: Any):
-        """The core `Protection` for a classification pipeline (shared by local and Ray Train runs)."""
+        """The core `Protection` for a classification pipeline (shared by local and Ray Train runs).
+        With `protect.init=fresh`, `model` (the source, as passed in: Train workers load a checkpoint
+        only after this) becomes the frozen NTR teacher and is re-initialised (`Task.fresh_start`)."""
         from sophon_ray.core import ClassificationObjective, Protection, ProtectData, get_loss
 
         cfg = self.cfg
-        objective = ClassificationObjective(get_loss(cfg.protect.loss, cfg.kind))
+        teacher = self.fresh_start(model, t.num_classes)
+        objective = ClassificationObjective(get_loss(cfg.protect.loss, cfg.kind), teacher)
         data = ProtectData(original=t.original_train, restricted=t.restricted_train)
         return Protection(
             model, cfg.protect, data, objective,

@@ -197,15 +197,18 @@ class DiffusionTask(Task):
         """The core `Protection` for a diffusion pipeline (shared by local and Ray Train runs).
 
         The guard passes while the original test MSE <= source_value * (1 + protect.guard_margin).
-        With `diffusion.retain=teacher`, a frozen copy of `model` as passed in (the source: Train
-        workers load a checkpoint only after this) is the NTR teacher.
+        With `diffusion.retain=teacher` or `protect.init=fresh` (co-training: `model` re-initialised,
+        `Task.fresh_start`), a frozen copy of `model` as passed in (the source: Train workers load a
+        checkpoint only after this) is the NTR teacher.
         """
         import copy
 
         from sophon_ray.core import Protection, ProtectData
 
         alphas = self.scheduler().alphas_cumprod
-        teacher = copy.deepcopy(model).requires_grad_(False).eval() if self.settings.retain == "teacher" else None
+        teacher = self.fresh_start(model, 0)  # protect.init=fresh: the source is always the NTR teacher
+        if teacher is None and self.settings.retain == "teacher":
+            teacher = copy.deepcopy(model).requires_grad_(False).eval()
         obj = self.objective(alphas, protection=True, teacher=teacher)
         data = ProtectData(original=t.original_train, restricted=t.restricted_train)
         return Protection(
