@@ -360,7 +360,7 @@ def strength(plan: Plan, trials: list[dict[str, Any]], total: int, epsilon: floa
     task = tasks.of(plan.cfg)
     std = plan.standard if plan.standard is not None else standard_of(plan.cfg, None)
     counted = ran(trials)
-    protocol = getattr(plan, "protocol", None) or tasks.STEPS_PROTOCOL  # a suite's SuiteProtocol, if any
+    protocol = plan.protocol or tasks.STEPS_PROTOCOL
     return {"mode": plan.mode, "recipes": counted["recipes"], "recipes_planned": n_explore, "trials": total,
             "reruns": counted["reruns"], "seeds": counted["seeds"], "seeds_requested": plan.seeds,
             "budgets": list(plan.cfg.attack.budgets), "unit": protocol.unit, "suite_certifies": protocol.certifies,
