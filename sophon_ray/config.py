@@ -57,6 +57,35 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class EnvRecipe:
+    """One fixed FTS environment: a real attack recipe as the inner loop simulates it.
+
+    The hardening loop (`sophon-ray harden`) feeds an audit's strongest recipes back into
+    protection as these (`core.feedback.env_recipe` maps a `Recipe` exactly; docs/design.md,
+    "Hardening loop"). Fields are `core.inner.Environment`'s: the inner optimizer, its lr, the
+    support batch size, the simulated horizon K (`steps`: the budget where the attack won), head
+    re-initialisation / head-only training (the strategy), L2 weight decay (`decoupled_decay`: AdamW's
+    form), the attack's lr schedule over its `schedule_total` steps (its largest budget) with
+    `warmup_steps`, and the attacker's images per class (`support_per_class`, None = the whole
+    support pool). `label` names the audit recipe it came from.
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 32
+    steps: int = 10
+    reinit_head: bool = False
+    head_only: bool = False
+    weight_decay: float = 0.0
+    decoupled_decay: bool = False
+    schedule: str = "constant"
+    schedule_total: int = 0
+    warmup_steps: int = 0
+    support_per_class: int | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class EnvSpace:
     """The distribution of simulated fine-tuning environments for FTS.
 
@@ -68,7 +97,9 @@ class EnvSpace:
     Each FTS step draws `protect.envs_per_step` environments: an inner optimizer uniformly from
     `optimizers`, a learning rate log-uniformly from `lr[optimizer]`, a support batch size from
     `batch_sizes`, head re-initialisation with probability `reinit_head_prob`, and head-only
-    (linear-probe) fine-tuning with probability `head_only_prob`.
+    (linear-probe) fine-tuning with probability `head_only_prob`. With fixed `recipes` (the
+    hardening loop's fed-back attacks), each of those environments is instead, with probability
+    `recipe_prob`, one of `recipes` (chosen uniformly); without recipes nothing changes.
     """
 
     optimizers: tuple[str, ...] = ("sgd", "momentum", "adam", "rmsprop", "adagrad", "adadelta")
@@ -79,6 +110,8 @@ class EnvSpace:
     batch_sizes: tuple[int, ...] = (16, 32, 64)
     reinit_head_prob: float = 0.5
     head_only_prob: float = 0.25
+    recipes: tuple[EnvRecipe, ...] = ()
+    recipe_prob: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -232,9 +265,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Fields added to a config after results and run names were recorded with it: at these values
+# they are left out of `config_hash`, so a config that does not use them keeps its hash (its stage
+# hashes, Ray Train run names, resumable runs); set to anything else, they are hashed as usual.
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"recipes": (), "recipe_prob": 0.5}  # EnvSpace, issue 29
+
+
+def _hashed_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in pairs if not (k in HASH_NEUTRAL_DEFAULTS and v == HASH_NEUTRAL_DEFAULTS[k])}
+
+
+def _hash_view(cfg: Any) -> Any:
+    """`to_dict(cfg)` without the hash-neutral fields at their neutral values."""
+    if isinstance(cfg, tuple):
+        return [_hash_view(c) for c in cfg]
+    return json.loads(json.dumps(dataclasses.asdict(cfg, dict_factory=_hashed_fields)))
+
+
 def config_hash(cfg: Any, n: int = 8) -> str:
     """Short stable hash of a config (or a tuple of configs), for deterministic run names."""
-    obj = [to_dict(c) for c in cfg] if isinstance(cfg, tuple) and not dataclasses.is_dataclass(cfg) else to_dict(cfg)
+    obj = [_hash_view(c) for c in cfg] if isinstance(cfg, tuple) and not dataclasses.is_dataclass(cfg) else _hash_view(cfg)
     blob = json.dumps(obj, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
 

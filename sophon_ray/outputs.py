@@ -31,8 +31,10 @@ KINDS: dict[str, tuple[str, ...]] = {
               ".*.tmp-*"),
     "attack": ("attack.json", ".*.tmp-*"),
     "samples": ("samples.json", "*.png", "samples", "judge", ".*.tmp-*"),
-    "run": ("source", "protected", "audit", "judge", ".ray", ".*.tmp-*", ".*.old-*"),
+    "run": ("source", "protected", "audit", "judge", "harden", ".ray", ".*.tmp-*", ".*.old-*"),
+    "harden": ("harden.json", "removed.png", "round-*", "judge", ".ray", ".*.tmp-*", ".*.old-*"),
 }
+_ROUND = ("protected", "audit", ".*.tmp-*", ".*.old-*")  # a harden round's folder: round-<r>/
 _CLAIMED: dict[str, str] = {}  # resolved path -> kind claimed by this process (with --force or as ours)
 
 
@@ -58,8 +60,22 @@ def _is_ours(path: Path, kind: str) -> bool:
         return isinstance(card, dict) and str(card.get("format", "")).startswith("sophon-ray/model@")
     if kind == "run":
         return all(_is_ours(path / sub, "model") for sub in ("source", "protected") if (path / sub).exists()) and (
-            not (path / "audit").exists() or _is_ours(path / "audit", "audit"))
+            not (path / "audit").exists() or _is_ours(path / "audit", "audit")) and (
+            not (path / "harden").exists() or _is_ours(path / "harden", "harden"))
+    if kind == "harden":
+        return (not (path / "harden.json").is_symlink() and not (path / "harden.json").is_dir()) and all(
+            _is_round(r) for r in path.glob("round-*"))
     return True
+
+
+def _is_round(path: Path) -> bool:
+    """A harden round's folder holding only its protected model and audit (`round-<r>/`)."""
+    if not path.is_dir() or path.is_symlink() or not path.name[len("round-"):].isdigit():
+        return False
+    if not all(any(fnmatch.fnmatchcase(e.name, p) for p in _ROUND) for e in path.iterdir()):
+        return False
+    return (not (path / "protected").exists() or _is_ours(path / "protected", "model")) and (
+        not (path / "audit").exists() or _is_ours(path / "audit", "audit"))
 
 
 def _describe(path: Path) -> str:
@@ -86,7 +102,7 @@ def claim(path: str | Path, kind: str, force: bool = False, flag: str = "--out")
 
     Args:
         path: the output path (a directory for every kind).
-        kind: one of `KINDS` ("model", "audit", "attack", "samples", "run").
+        kind: one of `KINDS` ("model", "audit", "attack", "samples", "run", "harden").
         force: allow replacing whatever is there (the user said `--force`).
         flag: the option's name for the error message ("--out", "--judge").
     Raises:

@@ -182,6 +182,15 @@ def _audit_flags(p: argparse.ArgumentParser, seeds: int, suite_default: str) -> 
     p.add_argument("--no-samples", action="store_true", help="diffusion: skip the sample grids and judge metric")
 
 
+def _rounds_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    """The hardening loop's flags, shared by `harden` and `run`."""
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="hardening rounds (protect, audit, feed the strongest attacks back); stops early at a passed audit"
+                   + ("" if required else "; without it, one plain protect + audit"))
+    p.add_argument("--feedback", type=int, default=3, metavar="K",
+                   help="with --rounds: the strongest audit recipes fed back into the next round's protection (default 3)")
+
+
 def _budgets(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -224,14 +233,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers}: must be >= 0 (0 = in-process)")
     check_thresholds(cfg, args.epsilon, args.min_gap)
     root = claim(Path(args.out) if args.out else Path("out") / _name(args.pipeline), "run", force=args.force)
-    for stage, sub_kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model")):
+    for stage, sub_kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model"),
+                            ("harden", "harden")):
         claim(root / stage, sub_kind, force=args.force)
+    _check_rounds(args)
     summary = run_pipeline(
         cfg, root, workers=args.workers, source=_model(args.source) if args.source else None, search=args.search, min_gap=args.min_gap, smoke=args.smoke,
         suite=args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite),
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, log=_log, samples=not args.no_samples, standard_cfg=_standard(args.pipeline),
+        rounds=args.rounds, feedback=args.feedback, force=args.force,
     )
     audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
     m = task.metric
@@ -240,6 +252,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     key = f"original_test_{m.name}"
     print(f"\noriginal-domain test {m.name}: source {metrics[f'source_{key}']:.4f}, protected {metrics[key]:.4f}")
     print(headline(v))
+    if summary.get("harden"):
+        _print_rounds(summary["harden"], audit)
     if v.get("status") == "inconclusive" and cfg.name == "digits":
         print("  a benchmark where pre-training matters: sophon-ray run mnist-to-digits (docs/results.md)")
     times = "  ".join(f"{k} {t:.0f}s" for k, t in summary["times"].items())
@@ -251,6 +265,55 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"look at it: mlflow ui --backend-store-uri {uri} --artifacts-destination {artifacts} --host 127.0.0.1")
     else:
         print(f"look at it: {uri}")
+    return 1 if args.strict and not v["passed"] else 0
+
+
+def _check_rounds(args: argparse.Namespace) -> None:
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: need at least 1 round")
+    if args.feedback < 1:
+        raise UserError(f"--feedback {args.feedback}: feed back at least 1 recipe per round")
+
+
+def _print_rounds(summary: dict[str, Any], audit: dict[str, Any]) -> None:
+    from sophon_ray.audit.rounds import removed_table
+
+    print(f"\nHardening rounds ({summary['done'] or 'stopped'}; removed = share of the source's advantage over scratch "
+          "taken away, per budget):")
+    print(removed_table(summary["rounds"], [int(b) for b in audit["budgets"]]))
+    print(f"rounds: {summary['state']}  plot: {summary['plot']}")
+
+
+def cmd_harden(args: argparse.Namespace) -> int:
+    """The hardening loop: protect (Ray Train) from the last round's weights with the last audits'
+    strongest recipes fed back, audit (Ray Tune), until `passed` or --rounds rounds."""
+    from sophon_ray import tasks
+    from sophon_ray.app.harden import harden
+    from sophon_ray.audit.driver import check_thresholds
+    from sophon_ray.audit.verdict import headline, table
+
+    cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
+    task = tasks.of(cfg)
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be >= 0 (0 = in-process)")
+    if args.rounds is None:
+        raise UserError("harden needs --rounds N (the most rounds to run; it stops earlier at a passed audit)")
+    _check_rounds(args)
+    check_thresholds(cfg, args.epsilon, args.min_gap)
+    root = _out(args, "harden", "harden")
+    summary = harden(
+        cfg, root, source=_model(args.source), rounds=args.rounds, feedback=args.feedback, workers=args.workers,
+        suite=args.suite, search=args.search, seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon,
+        min_gap=args.min_gap, smoke=args.smoke, samples=not args.no_samples, model_name=args.model_name,
+        ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
+        verbose=args.verbose, force=args.force, standard_cfg=_standard(args.pipeline), log=_log,
+    )
+    audit, v, m = summary["audit"], summary["audit"]["verdict"], task.metric
+    print(f"\nLast round: best ({m.superlative}) restricted test {m.name} an attacker reached:")
+    print(table(audit["worst_case"], tuple(audit["budgets"]), m.digits, v))
+    print(headline(v))
+    _print_rounds(summary, audit)
+    print(f"last model: {summary['protected']}  report: {summary['audit_dir'] / 'report.html'}")
     return 1 if args.strict and not v["passed"] else 0
 
 
@@ -377,9 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--source", default=None, help="protect this model (directory or MLflow URI) instead of pretraining one")
+    _rounds_flags(p, required=False)
     _preset_flag(p)
     _common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("harden", help="hardening loop: protect (Ray Train) from the last round's weights with the "
+                                      "last audits' strongest attacks fed back, audit (Ray Tune), repeat")
+    p.add_argument("pipeline")
+    p.add_argument("--source", required=True, help="the unprotected source model (directory or MLflow URI)")
+    _rounds_flags(p, required=True)
+    _audit_flags(p, seeds=2, suite_default="quick-v3, test-v1 with --smoke; "
+                 "diffusion: diffusion-v2, diffusion-test-v1 with --smoke")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
+    p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
+    p.add_argument("--storage-path", default=None, help="Ray Train storage (default <out>/.ray; shared NFS/S3 on a cluster)")
+    _preset_flag(p)
+    _common(p)
+    p.set_defaults(func=cmd_harden)
 
     p = sub.add_parser("samples", help="diffusion: sample grids + judge metric before/after an attack")
     p.add_argument("pipeline")

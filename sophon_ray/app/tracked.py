@@ -55,10 +55,13 @@ def import_model(cfg: PipelineConfig, weights: str | Path, out: Path, log: Log, 
 
 
 def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name: str | None = None,
-            workers: int = 0, source_ref: str | None = None, **distributed: Any) -> tuple[Path, int]:
+            workers: int = 0, source_ref: str | None = None, start: str | Path | None = None,
+            parent_run_id: str | None = None, **distributed: Any) -> tuple[Path, int]:
     """Protect the local model directory `source` (in-process when `workers == 0`, else on Ray
     Train), log, register as `candidate`; `source_ref` is what the user named (an MLflow URI the
-    CLI resolved to `source`), recorded as the run's tag.
+    CLI resolved to `source`), recorded as the run's tag. `start`: a model directory whose weights
+    protection starts from (the hardening loop's previous round; tag `start_model`);
+    `parent_run_id`: nest the run under it (the harden run).
 
     Returns:
         (protected model directory, registered version).
@@ -67,16 +70,18 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
 
     tracking.ensure_store()
     task = tasks.of(cfg)
-    options = {"workers": workers, "source": str(source_ref or source)}
-    with tracking.Tracker.start("protect", cfg.name, {**to_dict(cfg), "run": options},
-                                tags={"source_model": str(source_ref or source)}) as run:
+    options = {"workers": workers, "source": str(source_ref or source), **({"start": str(start)} if start else {})}
+    with tracking.Tracker.start("protect", cfg.name, {**to_dict(cfg), "run": options}, parent_run_id=parent_run_id,
+                                tags={"source_model": str(source_ref or source),
+                                      **({"start_model": str(start)} if start else {})}) as run:
         record = lambda step, m: run.log_metrics(task.named_metrics(m), step)  # noqa: E731
         if workers > 0:
             from sophon_ray.train.driver import protect_distributed
 
-            d = protect_distributed(cfg, source, out, workers=workers, log=log, on_metrics=record, **distributed)
+            d = protect_distributed(cfg, source, out, workers=workers, log=log, on_metrics=record, start=start,
+                                    **distributed)
         else:
-            d = task.protect(source, out, log=log, on_metrics=record)
+            d = task.protect(source, out, log=log, on_metrics=record, start=start)
         run.log_metrics(_final_metrics(d))
         run.log_model_dir(d)
         card = read_card(d)
@@ -88,17 +93,19 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
 
 
 def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: str | None = None,
-          version: int | None = None, model_ref: str | None = None, **options: Any) -> dict[str, Any]:
+          version: int | None = None, model_ref: str | None = None, parent_run_id: str | None = None,
+          **options: Any) -> dict[str, Any]:
     """Run the Ray Tune audit of the local model directory `model` as one parent MLflow run with
     one child run per trial, then record the verdict on the registered version holding these
-    exact weights (when there is one); `model_ref` is what the user named (e.g. `models:/...`)."""
+    exact weights (when there is one); `model_ref` is what the user named (e.g. `models:/...`);
+    `parent_run_id`: nest the audit run under it (the harden run)."""
     from sophon_ray import tracking
     from sophon_ray.audit.driver import run_audit
 
     uri = tracking.ensure_store()
     ref = str(model_ref or model)
     with tracking.Tracker.start("audit", cfg.name, {**to_dict(cfg), "run": {"model": ref, **_plain(options)}},
-                                tags={"audited_model": ref}) as run:
+                                tags={"audited_model": ref}, parent_run_id=parent_run_id) as run:
         result = run_audit(cfg, model, out=out, log=log, callbacks=[tracking.AuditCallback(run.run_id, uri)],
                            model_ref=ref, **options)
         run.log_audit(result, out)

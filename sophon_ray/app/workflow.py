@@ -49,6 +49,9 @@ def run_pipeline(
     log: Log = print,
     source: str | Path | None = None,
     standard_cfg: PipelineConfig | None = None,
+    rounds: int | None = None,
+    feedback: int = 3,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run every stage (skipping those already done for this config); returns a summary dict.
 
@@ -58,7 +61,9 @@ def run_pipeline(
     sample grids and judge them (judge cached in `root/judge`). `source`: a local model directory
     to protect instead of pretraining one (`sophon-ray run --source`; checked against the pipeline first).
     `standard_cfg`: the pipeline as written (not smoke, no overrides), the budget standard a
-    certifying audit is held to (`audit.driver.standard_of`; the CLI passes it)."""
+    certifying audit is held to (`audit.driver.standard_of`; the CLI passes it). `rounds`: protect
+    and audit become the hardening loop in `root/harden` (`app.harden`, `feedback` recipes fed back
+    per round; `force` as the CLI's --force); None: one protection, one audit."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
@@ -89,6 +94,19 @@ def run_pipeline(
             tracked.pretrain(cfg, source, log)
         source_sha = read_card(source)["sha256"]
         times["pretrain"] = time.perf_counter() - t0
+        if rounds is not None:  # protect + audit become the hardening loop (app/harden.py)
+            from sophon_ray.app.harden import harden
+
+            t0 = time.perf_counter()
+            h = harden(cfg, root / "harden", source=source, rounds=rounds, feedback=feedback, workers=workers,
+                       suite=suite, search=search, seeds=seeds, concurrency=concurrency, epsilon=epsilon,
+                       min_gap=min_gap, smoke=smoke, samples=samples, model_name=model_name, ray_address=ray_address,
+                       storage_path=storage_path, gpus_per_worker=gpus_per_worker, verbose=verbose, force=force,
+                       standard_cfg=standard_cfg, log=log)
+            times["harden"] = time.perf_counter() - t0
+            return {"audit": h["audit"], "metrics": json.loads((h["protected"] / "metrics.json").read_text()),
+                    "times": times, "wall": time.perf_counter() - started, "harden": h,
+                    "paths": {"source": source, "protected": h["protected"], "audit": h["audit_dir"]}}
 
         t0 = time.perf_counter()
         protected = root / "protected"

@@ -28,7 +28,6 @@ every weight trained), so that a model cannot pass an audit by re-scaling its we
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Callable
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sophon_ray.config import Recipe
-from sophon_ray.core.inner import fresh_head
+from sophon_ray.core.inner import fresh_head, lr_factor  # lr_factor: the inner loop follows the same schedules
 from sophon_ray.errors import UserError
 
 HEAD_STRATEGIES = ("direct-all", "direct-FC", "initFC-all", "initFC-FC")  # NTLBench's four
@@ -80,17 +79,6 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_deca
     if name not in table:
         raise UserError(f"unknown attack optimizer {name!r}; use one of: {', '.join(OPTIMIZERS)}")
     return table[name]()
-
-
-def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base lr at `step` (0-based) of `total`: constant, cosine, or warm-up+cosine."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "warmup" and step < warmup:
-        return (step + 1) / warmup
-    start = warmup if schedule == "warmup" else 0
-    frac = (step - start) / max(total - start, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -18,7 +18,8 @@ Where batching would be wrong or unsupported the sequential loop runs instead, d
 and recorded with a reason in the plan (`plan_batches`): second-order meta-gradients, objectives
 other than `ClassificationObjective` (the metric cannot be taken inside vmap), layers outside a
 known-safe list (e.g. dropout in train mode: vmap cannot reproduce the sequential random draws;
-SyncBatchNorm), and groups of a single environment.
+SyncBatchNorm), groups of a single environment, and environments with an lr schedule or weight
+decay (fed-back audit recipes, core/feedback.py).
 
 `meta_grad_sum` has the contract of fts_step's loop in protect.py: the sum over environments of
 their meta-gradients, and the (sum loss, sum metric, count) statistics.
@@ -119,10 +120,13 @@ def plan_batches(model: nn.Module, jobs: Sequence[Job], objective: Objective, or
             raise UserError(f"batched environments impossible: {blocker}; use mode=auto or sequential")
         return [Group(every, False, blocker)] if jobs else []
     keys: dict[tuple, list[int]] = {}
+    groups = []
     for i, job in enumerate(jobs):
+        if job.env.schedule != "constant" or job.env.weight_decay:  # a fed-back recipe's: per-step lr, decay
+            groups.append(Group((i,), False, "lr schedule or weight decay (sequential)"))
+            continue
         key = (job.env.steps, job.env.head_only, _shapes(job.support[0]), _shapes(job.query[0]))
         keys.setdefault(key, []).append(i)
-    groups = []
     for idx in keys.values():
         idx.sort(key=lambda i: (jobs[i].env.optimizer, i))
         if len(idx) == 1:

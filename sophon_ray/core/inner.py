@@ -39,6 +39,14 @@ class Environment:
     steps: int
     reinit_head: bool
     head_only: bool = False  # a linear-probe attacker: only the head is fine-tuned
+    # What a fed-back audit recipe adds (core/feedback.py); the defaults are the sampled environments'.
+    weight_decay: float = 0.0  # L2 added to the gradient, as torch.optim's weight_decay does
+    decoupled_decay: bool = False  # AdamW's form: the weights shrink by lr * weight_decay before each step
+    schedule: str = "constant"  # constant | cosine | warmup (`lr_factor`, as the attacks schedule lr)
+    schedule_total: int = 0  # the schedule's length in steps (the attack's largest budget); 0 = `steps`
+    warmup_steps: int = 0
+    support_per_class: int | None = None  # a recipe's attacker images per class (None: the whole pool)
+    recipe: str = ""  # the audit recipe simulated ("" = drawn from protect.env's distribution)
 
 
 class Objective(Protocol):
@@ -211,7 +219,7 @@ class Adadelta(_SquareAvg):
         return state
 
 
-INNER_OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad", "adadelta")
+INNER_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta")
 
 
 def make_inner_optimizer(name: str, lr: float) -> SGD | Adam | _SquareAvg:
@@ -220,6 +228,8 @@ def make_inner_optimizer(name: str, lr: float) -> SGD | Adam | _SquareAvg:
         return SGD(lr)
     if name == "momentum":
         return SGD(lr, momentum=0.9)
+    if name == "nesterov":
+        return SGD(lr, momentum=0.9, nesterov=True)
     builders = {"adam": Adam, "rmsprop": RMSprop, "adagrad": Adagrad, "adadelta": Adadelta}
     if name in builders:
         return builders[name](lr)
@@ -267,6 +277,49 @@ def validate_env_space(optimizers, lr, batch_sizes, reinit_head_prob, head_only_
         raise UserError("protect.env.batch_sizes must be positive integers")
     if not 0.0 <= reinit_head_prob <= 1.0 or not 0.0 <= head_only_prob <= 1.0:
         raise UserError("protect.env.reinit_head_prob and protect.env.head_only_prob must be in [0, 1]")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base lr at `step` (0-based) of `total`: constant, cosine, or warm-up+cosine
+    (the attacks' schedules, `core.attack.finetune`; a fed-back recipe's inner loop follows them)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "warmup" and step < warmup:
+        return (step + 1) / warmup
+    start = warmup if schedule == "warmup" else 0
+    frac = (step - start) / max(total - start, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _step_lr(opt: Any, env: Environment, step: int) -> float:
+    """Set `opt.lr` for inner step `step` (0-based) from the environment's schedule; returns it."""
+    if env.schedule != "constant":
+        opt.lr = env.lr * lr_factor(env.schedule, step, env.schedule_total or env.steps, env.warmup_steps)
+    return opt.lr
+
+
+def _update_(opt: Any, env: Environment, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
+             state: dict[str, Any]) -> dict[str, Any]:
+    """One in-place inner step as torch.optim takes it: the scheduled lr, weight decay added to the
+    gradient (AdamW: the weights shrunk by lr * weight_decay first). Without schedule and decay it
+    is `opt.step_` itself."""
+    lr = _step_lr(opt, env, step)
+    if env.weight_decay and env.decoupled_decay:
+        torch._foreach_mul_(params, 1.0 - lr * env.weight_decay)
+    elif env.weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=env.weight_decay)
+    return opt.step_(params, grads, state)
+
+
+def _update(opt: Any, env: Environment, step: int, params: list[torch.Tensor], grads: list[torch.Tensor],
+            state: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """`_update_` out of place (differentiable, for second order)."""
+    lr = _step_lr(opt, env, step)
+    if env.weight_decay and env.decoupled_decay:
+        params = [p * (1.0 - lr * env.weight_decay) for p in params]
+    elif env.weight_decay:
+        grads = [g + env.weight_decay * p for g, p in zip(grads, params)]
+    return opt.step(params, grads, state)
 
 
 def fresh_head(params: Params, head_keys: tuple[str, ...], generator: torch.Generator) -> Params:
@@ -345,7 +398,7 @@ def first_order_meta_grad(
     for k in range(1, env.steps + 1):
         g = torch.autograd.grad(objective.fit(model, state, support[k - 1]), trained)
         with torch.no_grad():
-            opt_state = opt.step_(trained, list(g), opt_state)
+            opt_state = _update_(opt, env, k - 1, trained, list(g), opt_state)
         if k % query_every and k != env.steps:
             continue
         w = 1.0 if weighting == "uniform" else float(k)
@@ -399,10 +452,10 @@ def second_order_meta_grad(
     opt_state = opt.init([fast[k] for k in keys])
     objective_sum = 0.0
     metric = float("nan")
-    for s_batch, q_batch in zip(support, query):
+    for step, (s_batch, q_batch) in enumerate(zip(support, query)):
         trained = [fast[k] for k in keys]
         g = torch.autograd.grad(objective.fit(model, {**fast, **buffers}, s_batch), trained, create_graph=True)
-        new, opt_state = opt.step(trained, list(g), opt_state)
+        new, opt_state = _update(opt, env, step, trained, list(g), opt_state)
         fast = {**fast, **dict(zip(keys, new))}
         q_loss, metric = objective.suppress(model, {**fast, **buffers}, q_batch)
         objective_sum = objective_sum + q_loss

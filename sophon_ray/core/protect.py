@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 
 from sophon_ray.config import ProtectConfig
-from sophon_ray.core.inner import Batch, Params, meta_grad_fn, sample_environments, validate_env_space
+from sophon_ray.core.inner import Batch, Environment, Params, meta_grad_fn, sample_environments, validate_env_space
 from sophon_ray.core.batched import Job, meta_grad_sum
+from sophon_ray.core.feedback import validate_space, with_recipes
 from sophon_ray.core.objectives import ClassificationObjective
 from sophon_ray.core.optim import OuterAdam
 from sophon_ray.errors import UserError
@@ -60,6 +61,7 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
     if kind is not None:
         get_loss(cfg.loss, kind)
     validate_env_space(cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes, cfg.env.reinit_head_prob, cfg.env.head_only_prob)
+    validate_space(cfg.env)
 
 
 def _no_reduce(tensors: list[torch.Tensor]) -> None:
@@ -198,11 +200,15 @@ class Protection:
             cfg.envs_per_step, cfg.inner_steps, cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes,
             cfg.env.reinit_head_prob, rng, cfg.env.head_only_prob,
         )
+        fed: dict[str, float] = {}
+        if cfg.env.recipes:  # the hardening loop's fed-back audit recipes (core/feedback.py), own generator
+            envs = with_recipes(envs, cfg.env.recipes, cfg.env.recipe_prob, random.Random(_seed(cfg.seed, it, sub, 4)))
+            fed = {"fts_recipe_envs": float(sum(bool(e.recipe) for e in envs))}
         self.model.train()
         params: Params = dict(self.model.named_parameters())
         jobs = [
             Job(envs[e],
-                LazyBatches(self._support(it, sub, e), envs[e].batch_size, envs[e].steps, (cfg.seed, it, sub, 2, e, 0),
+                LazyBatches(self._support(it, sub, e, envs[e]), envs[e].batch_size, envs[e].steps, (cfg.seed, it, sub, 2, e, 0),
                             self.make_batch),
                 LazyBatches(self.query, cfg.query_batch, envs[e].steps, (cfg.seed, it, sub, 2, e, 1), self.make_batch),
                 torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e)))
@@ -216,14 +222,15 @@ class Protection:
         if not all(bool(torch.isfinite(g).all()) for g in total):
             # a simulated fine-tuning diverged (e.g. SGD at the top of its lr range): no update from
             # this step, the same decision on every worker (after the all-reduce)
-            return {"fts_loss": float("nan"), "sim_metric": float("nan"), "fts_skipped": 1.0}
+            return {"fts_loss": float("nan"), "sim_metric": float("nan"), "fts_skipped": 1.0, **fed}
         self._apply(self.fts_opt, total)
-        return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n, "fts_skipped": 0.0}
+        return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n, "fts_skipped": 0.0, **fed}
 
-    def _support(self, it: int, sub: int, e: int) -> tuple[torch.Tensor, ...]:
-        """Environment e's support pool: all of it, or (`protect.support_per_class`) a fresh seeded
-        draw of that many images per class, the data an attacker with a small budget holds."""
-        n = self.cfg.support_per_class
+    def _support(self, it: int, sub: int, e: int, env: Environment | None = None) -> tuple[torch.Tensor, ...]:
+        """Environment e's support pool: all of it, or (`protect.support_per_class`; a fed-back
+        recipe's own `support_per_class`) a fresh seeded draw of that many images per class, the
+        data an attacker with a small budget holds."""
+        n = env.support_per_class if env is not None and env.recipe else self.cfg.support_per_class
         if n is None:
             return self.support
         idx = per_class_subset(self.support[1], n, torch.Generator().manual_seed(_seed(self.cfg.seed, it, sub, 2, e, 2)))

@@ -319,11 +319,13 @@ class Task:
         return finetune(model, recipe, budgets=self.cfg.attack.budgets, seed=seed,
                         **self.finetune_kwargs(t, model, seed))
 
-    def protect(self, source: str | Path, out: str | Path, log: Log = print, on_metrics: Metrics = no_metrics) -> Path:
+    def protect(self, source: str | Path, out: str | Path, log: Log = print, on_metrics: Metrics = no_metrics,
+                start: str | Path | None = None) -> Path:
         """Run SOPHON in-process on `source` and write the protected model directory.
 
         `on_metrics(iteration, metrics)` receives every outer iteration's metrics. The same loop for
         every kind: only the tensors, the model check, the metric and the `Protection` differ.
+        `start`: a model directory whose weights protection starts from (`start_from`).
         """
         from sophon_ray.core import run
         from sophon_ray.core.protect import validate_config
@@ -334,7 +336,8 @@ class Task:
         model, src_card = self.load_for(source, t)
         source_value = self.original_metric(model, t)
         prot = self.build_protection(model, t, source_value)
-        start = time.perf_counter()
+        start_card = self.start_from(model, start, t) if start is not None else None
+        began = time.perf_counter()
         every = max(cfg.protect.iterations // 10, 1)
 
         def progress(it: int, x: dict[str, float]) -> None:
@@ -343,7 +346,7 @@ class Task:
                 fts = f" fts_loss {m.fmt(x['fts_loss'])} sim_{m.label} {m.fmt(x['sim_metric'])}" if "fts_loss" in x else ""
                 ntr = f" ntr_loss {m.fmt(x['ntr_loss'])}" if "ntr_loss" in x else ""
                 orig = f" orig_{m.label} {m.fmt(x['orig_metric'])}" if "orig_metric" in x else ""
-                log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - start:.1f}s)")
+                log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - began:.1f}s)")
 
         run(prot, progress)
         if prot.guard.best is None:  # co-training that never reached the guard: say so, keep the weights
@@ -352,12 +355,24 @@ class Task:
         final = self.model_metrics(model, t)
         metrics = {**final, f"source_original_test_{m.name}": source_value,
                    "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration}
+        start_sha = start_card["sha256"] if start_card else None
         lineage = {"source": {"path": modeldir.lineage_path(source), "sha256": src_card["sha256"]},
-                   "protect": to_dict(cfg.protect), "stage_hash": self.protect_stage_hash(src_card["sha256"], 0)}
+                   **({"start": {"path": modeldir.lineage_path(start), "sha256": start_sha}} if start_card else {}),
+                   "protect": to_dict(cfg.protect), "stage_hash": self.protect_stage_hash(src_card["sha256"], 0, start_sha)}
         log(f"protect done: original test {m.name} {final[f'original_test_{m.name}']:.4f} "
             f"(source {source_value:.4f}), {prot.guard.rollbacks} guard rollbacks "
-            f"({time.perf_counter() - start:.1f}s)")
+            f"({time.perf_counter() - began:.1f}s)")
         return modeldir.save_model_dir(out, model, self.make_card(t, "protected", lineage), metrics)
+
+    def start_from(self, model: torch.nn.Module, start: str | Path, t: Tensors) -> dict[str, Any]:
+        """Load the weights and buffers of the model directory `start` into `model` in place (after
+        `build_protection`, before a checkpoint is restored): protection continues from another
+        model, the hardening loop's previous round, while the source it was built from stays the
+        teacher, the guard's reference and (in the card's lineage) the audit's control.
+        Returns `start`'s card."""
+        weights, card = self.load_for(start, t)
+        model.load_state_dict(weights.state_dict())
+        return card
 
     def fresh_start(self, model: torch.nn.Module, num_classes: int) -> torch.nn.Module | None:
         """With `protect.init=fresh` (co-training): a frozen copy of `model` (the source) to be the
@@ -415,11 +430,18 @@ class Task:
         cfg = self.cfg
         return config_hash((cfg.input, cfg.original, cfg.restricted, cfg.arch, cfg.pretrain))
 
-    def protect_stage_hash(self, source_sha: str, workers: int) -> str:
+    def protect_stage_hash(self, source_sha: str, workers: int, start_sha: str | None = None) -> str:
         """What determines a protected model: the protect config (and kind extensions such as
-        `diffusion`), the data, the source and the worker count."""
+        `diffusion`), the data, the source, the worker count and the weights it started from
+        (`start_sha`, when not the source's)."""
         cfg = self.cfg
-        return config_hash((cfg.protect, cfg.input, cfg.restricted, *self.protect_extensions())) + f"-{source_sha[:8]}-w{workers}"
+        start = f"-from{start_sha[:8]}" if start_sha else ""
+        return config_hash((cfg.protect, cfg.input, cfg.restricted, *self.protect_extensions())) + f"-{source_sha[:8]}-w{workers}{start}"
+
+    def attacker_support(self, protocol: SuiteProtocol) -> int | None:
+        """The attacker's restricted images per class under `protocol` (a fed-back recipe's
+        `support_per_class`); None: the whole split (classifiers override: `attack.train_per_class`)."""
+        return None
 
     def protect_extensions(self) -> tuple[Any, ...]:
         """The kind's own settings that change a protected model (default: every extension field)."""

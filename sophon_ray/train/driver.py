@@ -125,12 +125,14 @@ def lean_trainer_class(own_instance: bool) -> type:
     return LeanTorchTrainer
 
 
-def run_name(cfg: PipelineConfig, source_sha: str, workers: int) -> str:
-    return f"protect-{cfg.name}-{config_hash(cfg)}-{source_sha[:8]}-w{workers}"
+def run_name(cfg: PipelineConfig, source_sha: str, workers: int, start_sha: str | None = None) -> str:
+    start = f"-from{start_sha[:8]}" if start_sha else ""
+    return f"protect-{cfg.name}-{config_hash(cfg)}-{source_sha[:8]}-w{workers}{start}"
 
 
-def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path) -> None:
-    """Write the run's data (Parquet, raw uint8) and a copy of the source model, once."""
+def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path, start: Path | None = None) -> None:
+    """Write the run's data (Parquet, raw uint8) and a copy of the source model (and of the model
+    protection starts from, `start`), once: names.json last, so a half-written run is redone."""
     from sophon_ray.data import load_domain, write_parquet
 
     if (run_dir / "data" / "names.json").exists() and (run_dir / "source").exists():
@@ -141,6 +143,8 @@ def _materialise(cfg: PipelineConfig, source: Path, run_dir: Path) -> None:
                          ("restricted_train", restr.train), ("restricted_test", restr.test)):
         write_parquet(images, run_dir / "data" / f"{name}.parquet")
     shutil.copytree(source, run_dir / "source", dirs_exist_ok=True)
+    if start is not None:
+        shutil.copytree(start, run_dir / "start", dirs_exist_ok=True)
     names = {"original": orig.name, "restricted": [restr.name], "num_classes": orig.num_classes}
     (run_dir / "data" / "names.json").write_text(json.dumps(names))
 
@@ -184,6 +188,7 @@ def protect_distributed(
     log: Callable[[str], None] = print,
     on_metrics: Callable[[int, dict[str, float]], None] = lambda step, m: None,
     prestart: bool = False,
+    start: str | Path | None = None,
 ) -> Path:
     """Run SOPHON protection on `workers` Ray Train workers and write the protected model dir.
 
@@ -200,6 +205,9 @@ def protect_distributed(
         on_metrics: receives (iteration, metrics) for every report, on the driver (for MLflow).
         prestart: when this call starts a local Ray, let it prestart idle workers (Ray's default;
             Train never uses them, so off: `ray_local.local_init_kwargs`).
+        start: a model directory whose weights protection starts from instead of the source's
+            (`Task.start_from`; the hardening loop's previous round); the source stays the teacher,
+            the guard's reference and the lineage's source. Part of the run name.
     Returns:
         The protected model directory.
     """
@@ -215,10 +223,11 @@ def protect_distributed(
     t = task.load_tensors()
     source_model, src_card = task.load_for(source, t)
     source_value = task.original_metric(source_model, t)  # the guard's reference (accuracy or MSE)
+    start_sha = task.load_for(start, t)[1]["sha256"] if start is not None else None
     out = Path(out)
     storage = Path(storage_path) if storage_path else out.parent / ".ray"
     storage = storage.resolve()
-    name = run_name(cfg, src_card["sha256"], workers)
+    name = run_name(cfg, src_card["sha256"], workers, start_sha)
     run_dir = storage / name
     import ray
 
@@ -240,7 +249,7 @@ def protect_distributed(
         check_resources(workers, cpus_per_worker, gpus_per_worker)
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
-        _materialise(cfg, Path(source), run_dir)
+        _materialise(cfg, Path(source), run_dir, Path(start) if start is not None else None)
         (run_dir / "progress.jsonl").unlink(missing_ok=True)
         (run_dir / "worker_timings.json").unlink(missing_ok=True)
         (run_dir / "environment.json").unlink(missing_ok=True)
@@ -249,7 +258,7 @@ def protect_distributed(
         loop_config = {
             "cfg": cfg, "run_dir": str(run_dir), "source_value": source_value, "threads": cpus_per_worker,
             "report_every": report_every or max(iters // 20, 1),
-            "checkpoint_every": checkpoint_every or max(iters // 10, 1), "fault": fault,
+            "checkpoint_every": checkpoint_every or max(iters // 10, 1), "fault": fault, "start": start is not None,
         }
         trainer = TorchTrainer(
             train_loop_per_worker=_entry,
@@ -269,7 +278,7 @@ def protect_distributed(
         tail = threading.Thread(target=_tail_progress, daemon=True,
                                 args=(run_dir / "progress.jsonl", iters, stop, log, on_metrics, task.metric))
         tail.start()
-        start = time.perf_counter()
+        began = time.perf_counter()
         stamps["fit_start"] = time.time()
         try:
             result = trainer.fit()
@@ -294,11 +303,12 @@ def protect_distributed(
         }
         env_file = run_dir / "environment.json"  # rank 0's: the workers did the arithmetic, not this driver
         lineage = {"source": {"path": lineage_path(source), "sha256": src_card["sha256"]},
+                   **({"start": {"path": lineage_path(start), "sha256": start_sha}} if start is not None else {}),
                    "environment": json.loads(env_file.read_text()) if env_file.exists() else None,
                    "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers},
-                   "stage_hash": task.protect_stage_hash(src_card["sha256"], workers)}
+                   "stage_hash": task.protect_stage_hash(src_card["sha256"], workers, start_sha)}
         log(f"protect done: original test {task.metric.name} {final[key]:.4f} (source {source_value:.4f}), "
-            f"iterations {prot.iteration} ({time.perf_counter() - start:.1f}s)")
+            f"iterations {prot.iteration} ({time.perf_counter() - began:.1f}s)")
         saved = modeldir.save_model_dir(out, model, task.make_card(t, "protected", lineage), metrics)
         stamps["written"] = time.time()
         write_json_atomic(run_dir / TIMINGS, startup_timings(stamps, run_dir))  # for benchmarks, not the model

@@ -75,7 +75,8 @@ def _tensors_from_storage(cfg: Any, run_dir: Path):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: cfg (PipelineConfig, either kind), run_dir, report_every,
     checkpoint_every, threads, fault (None or {"iteration": i, "rank": r}), source_value (the
-    source model's original test metric: accuracy, or MSE for diffusion).
+    source model's original test metric: accuracy, or MSE for diffusion), start (True: the weights
+    start from `<run_dir>/start` instead of the source's).
 
     `tasks.of(cfg).build_protection` serves every kind, so the same loop protects a classifier or a
     UNet; the reported `sim_metric` / `orig_metric` are then accuracies or MSEs."""
@@ -96,6 +97,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prot = tasks.of(cfg).build_protection(
         model, t, float(config["source_value"]), rank=rank, world=world, allreduce=_allreduce_fn(device)
     )
+    if config.get("start"):  # continue from another model's weights (the hardening loop's previous round)
+        model.load_state_dict(tasks.load_model(run_dir / "start")[0].state_dict())
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:

@@ -117,6 +117,10 @@ class ClassifierTask(Task):
             raise UserError(f"strategy {recipe.strategy!r} is for diffusion UNets; a classifier takes "
                             f"strategy={'|'.join(STRATEGIES)} (e.g. --recipe strategy=initFC-all,optimizer=adam,lr=1e-3)")
 
+    def attacker_support(self, protocol: Any) -> int | None:
+        """`attack.train_per_class`, or None where the suite's protocol gives the whole split."""
+        return None if protocol.attacker_data == "full" else self.cfg.attack.train_per_class
+
     def attacker_train(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """The restricted (x, y) the attacker fine-tunes on: `cfg.attack.train_per_class` images per
         class of the restricted training split (all of it when None)."""

@@ -65,9 +65,11 @@ class DiffusionTask(Task):
                 f"image size {cfg.input.size} is not divisible by the UNet's down-sampling factor {factor} "
                 f"({cfg.arch.name}); use input.size=<multiple of {factor}>"
             )
-        if cfg.protect.support_per_class is not None:
-            raise UserError("protect.support_per_class needs class labels (classification pipelines); "
-                            "leave it unset for a diffusion pipeline")
+        if cfg.protect.support_per_class is not None or any(
+                (r.get("support_per_class") if isinstance(r, dict) else r.support_per_class) is not None
+                for r in cfg.protect.env.recipes):
+            raise UserError("protect.support_per_class (and a fed-back recipe's) needs class labels (classification "
+                            "pipelines); leave it unset for a diffusion pipeline")
         if self.settings.retain not in ("data", "teacher"):
             raise UserError(f"diffusion.retain={self.settings.retain!r}: use data or teacher")
         if not 0.0 <= self.settings.judge_confidence < 1.0:
