@@ -268,7 +268,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Fields added to a config after results and run names were recorded with it: at these values
 # they are left out of `config_hash`, so a config that does not use them keeps its hash (its stage
 # hashes, Ray Train run names, resumable runs); set to anything else, they are hashed as usual.
-HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"recipes": (), "recipe_prob": 0.5}  # EnvSpace, issue 29
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"recipes": (), "recipe_prob": 0.5,  # EnvSpace, issue 29
+                                      "init": "source"}  # ProtectConfig (co-training), issue 29
 
 
 def _hashed_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

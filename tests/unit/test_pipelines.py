@@ -169,3 +169,25 @@ def test_show_prints_the_resolved_domains(capsys):
     out = capsys.readouterr().out
     assert "#   original: mnist5k, all classes (labels as stored)\n#   restricted.0: digits, all classes" in out
     assert yaml.safe_load(out)["name"] == "mnist-to-digits"  # still YAML: the domain lines are comments
+
+
+# The bundled pipelines' config hashes (16 hex, full / smoke), as recorded before the move to the
+# top-level pipelines/ (issue 30) and kept since: a change re-runs every user's `run` stages.
+PINNED_HASHES = {
+    "digits": ("38a54fa15f9a033d", "64e528612c3baf75"),
+    "digits-diffusion": ("ff485e0c0c4e24f7", "dfa5dbdead8d9186"),
+    "mnist": ("a8944a8d66949b29", "f39c065a5d6bcb0d"),
+    "mnist-to-digits": ("0aa1963316f5a0ae", "b314cd76c4c1e9df"),
+    "imagenette-cifar10": ("a75722c343f84cfd", "0e69224a89f1934f"),
+    "cifar100-celeba": ("deae18c371a529be", "45b86509b50cc032"),
+}
+
+
+def test_bundled_pipeline_hashes_are_pinned():
+    from sophon_ray import tasks
+    from sophon_ray.config import config_hash
+
+    for name, (full, smoke) in PINNED_HASHES.items():
+        assert (config_hash(tasks.get_pipeline(name), 16), config_hash(tasks.get_pipeline(name, smoke=True), 16)) == (full, smoke), name
+    fresh = tasks.get_pipeline("mnist-to-digits", overrides=["protect.init=fresh"])
+    assert config_hash(fresh, 16) != PINNED_HASHES["mnist-to-digits"][0]  # a used field is hashed as usual
