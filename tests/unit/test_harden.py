@@ -61,7 +61,7 @@ def test_a_harden_of_other_settings_is_refused_unless_force(tmp_path):
     cfg, root = load("digits", smoke=True), tmp_path / "h"
     settings = {"feedback": 3, "source_sha256": "ab" * 32, "suite": "test-v1"}
     state = _open_state(root, cfg, settings, tmp_path / "src", force=False)
-    assert state["rounds"] == [] and state["key"].startswith("6d679ff2-")
+    assert state["rounds"] == [] and state["key"].startswith("64e52861-")
     root.mkdir()
     write_json_atomic(root / "harden.json", {**state, "rounds": [{"round": 1}]})
     _model_dir(root / "round-1" / "protected")
