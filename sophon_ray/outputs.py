@@ -31,7 +31,7 @@ KINDS: dict[str, tuple[str, ...]] = {
               ".*.tmp-*"),
     "attack": ("attack.json", ".*.tmp-*"),
     "samples": ("samples.json", "*.png", "samples", "judge", ".*.tmp-*"),
-    "run": ("source", "protected", "audit", "judge", "harden", ".ray", ".*.tmp-*", ".*.old-*"),
+    "run": ("source", "protected", "audit", "audit-paper", "judge", "harden", ".ray", ".*.tmp-*", ".*.old-*"),
     "harden": ("harden.json", "removed.png", "round-*", "judge", ".ray", ".*.tmp-*", ".*.old-*"),
 }
 _ROUND = ("protected", "audit", ".*.tmp-*", ".*.old-*")  # a harden round's folder: round-<r>/
@@ -60,7 +60,7 @@ def _is_ours(path: Path, kind: str) -> bool:
         return isinstance(card, dict) and str(card.get("format", "")).startswith("sophon-ray/model@")
     if kind == "run":
         return all(_is_ours(path / sub, "model") for sub in ("source", "protected") if (path / sub).exists()) and (
-            not (path / "audit").exists() or _is_ours(path / "audit", "audit")) and (
+            all(_is_ours(path / sub, "audit") for sub in ("audit", "audit-paper") if (path / sub).exists())) and (
             not (path / "harden").exists() or _is_ours(path / "harden", "harden"))
     if kind == "harden":
         return (not (path / "harden.json").is_symlink() and not (path / "harden.json").is_dir()) and all(

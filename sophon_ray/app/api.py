@@ -103,6 +103,7 @@ def run(cfg: PipelineConfig, out: str | Path, *, source: str | Path | None = Non
 
     _loopback()
     root = claim(Path(out), "run", force=force)
-    for stage, kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model")):
+    for stage, kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model"),
+                        ("audit-paper", "audit")):
         claim(root / stage, kind, force=force)
     return run_pipeline(cfg, root, source=_local(source) if source is not None else None, log=log, **options)

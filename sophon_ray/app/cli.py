@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sophon_ray import tasks
     from sophon_ray.app.workflow import run_pipeline
     from sophon_ray.audit.driver import check_thresholds
-    from sophon_ray.audit.verdict import headline, table
+    from sophon_ray.audit.verdict import headline, meaning, table
     from sophon_ray.outputs import claim
     from sophon_ray.tracking import resolve_uri
 
@@ -234,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_thresholds(cfg, args.epsilon, args.min_gap)
     root = claim(Path(args.out) if args.out else Path("out") / _name(args.pipeline), "run", force=args.force)
     for stage, sub_kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model"),
-                            ("harden", "harden")):
+                            ("harden", "harden"), ("audit-paper", "audit")):
         claim(root / stage, sub_kind, force=args.force)
     _check_rounds(args)
     summary = run_pipeline(
@@ -243,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, log=_log, samples=not args.no_samples, standard_cfg=_standard(args.pipeline),
-        rounds=args.rounds, feedback=args.feedback, force=args.force,
+        rounds=args.rounds, feedback=args.feedback, force=args.force, paper=args.paper,
     )
     audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
     m = task.metric
@@ -254,11 +254,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(headline(v))
     if summary.get("harden"):
         _print_rounds(summary["harden"], audit)
+    if summary.get("paper_audit"):
+        _print_paper(audit, summary["paper_audit"], m.digits)
+    else:
+        print(meaning(audit, f"The audit ({(audit.get('protocol') or {}).get('suite', 'this run')})"))
     if v.get("status") == "inconclusive" and cfg.name == "digits":
-        print("  a benchmark where pre-training matters: sophon-ray run mnist-to-digits (docs/results.md)")
+        print("  a benchmark where pre-training matters: sophon-ray run mnist-to-digits-demo --paper (make demo), "
+              "or mnist-to-digits (docs/results.md)")
     times = "  ".join(f"{k} {t:.0f}s" for k, t in summary["times"].items())
     print(f"stages: {times}  total {summary['wall']:.0f}s")
     print(f"report: {summary['paths']['audit'] / 'report.html'}")
+    if summary["paths"].get("paper_audit"):
+        print(f"paper-v1 report: {summary['paths']['paper_audit'] / 'report.html'}")
     uri = resolve_uri(None)
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri[len("sqlite:///"):]).parent / "artifacts"
@@ -266,6 +273,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"look at it: {uri}")
     return 1 if args.strict and not v["passed"] else 0
+
+
+def _print_paper(audit: dict[str, Any], paper: dict[str, Any], digits: int) -> None:
+    """`run --paper`'s side-by-side table of the full audit and the paper's protocol, and what each
+    verdict means."""
+    from sophon_ray.audit.verdict import meaning, side_by_side
+
+    full, pp = ((a.get("protocol") or {}).get("suite", "?") for a in (audit, paper))
+    n_full, n_paper = (len({str(t["recipe"]) for t in a["trials"]}) for a in (audit, paper))
+    data = [(a.get("protocol") or {}).get("attacker_data", "?") for a in (audit, paper)]
+    print(f"\nSide by side, the same protected model: the full audit ({full}: {n_full} recipes, {data[0]}) and the "
+          f"SOPHON paper's protocol ({pp}: {n_paper} gentle recipes, {data[1]}); best restricted value an attacker "
+          "reached per budget:")
+    print(side_by_side([(full, audit), (pp, paper)], digits))
+    print("\nWhat the verdicts mean:")
+    print(f"- {meaning(audit, f'The full audit ({full})')}")
+    print(f"- {meaning(paper, f'The paper protocol ({pp})')} A {pp} audit never certifies (gentle recipes, fewer "
+          "than the certifying minimum), whatever its status.")
 
 
 def _check_rounds(args: argparse.Namespace) -> None:
@@ -440,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--source", default=None, help="protect this model (directory or MLflow URI) instead of pretraining one")
+    p.add_argument("--paper", action="store_true",
+                   help="then audit the protected model with the SOPHON paper's protocol too (suite paper-v1, in "
+                        "<out>/audit-paper; never certifies) and print both audits side by side")
     _rounds_flags(p, required=False)
     _preset_flag(p)
     _common(p)

@@ -52,6 +52,7 @@ def run_pipeline(
     rounds: int | None = None,
     feedback: int = 3,
     force: bool = False,
+    paper: bool = False,
 ) -> dict[str, Any]:
     """Run every stage (skipping those already done for this config); returns a summary dict.
 
@@ -63,7 +64,11 @@ def run_pipeline(
     `standard_cfg`: the pipeline as written (not smoke, no overrides), the budget standard a
     certifying audit is held to (`audit.driver.standard_of`; the CLI passes it). `rounds`: protect
     and audit become the hardening loop in `root/harden` (`app.harden`, `feedback` recipes fed back
-    per round; `force` as the CLI's --force); None: one protection, one audit."""
+    per round; `force` as the CLI's --force); None: one protection, one audit. `paper`: then a
+    second audit of the protected model with the SOPHON paper's protocol (`paper-v1`: its own
+    epoch budgets on the whole restricted split; with `smoke`, 1 and 2 epochs) in
+    `root/audit-paper`, tracked and recorded like any audit (it never certifies); the summary
+    then holds it as "paper_audit"."""
     from sophon_ray import tracking
     from sophon_ray.train.driver import init_ray
 
@@ -79,18 +84,22 @@ def run_pipeline(
     tracking.ensure_store()  # fail fast on an unreachable server, before any work
     started = time.perf_counter()
     times: dict[str, float] = {}
+    n = 4 if paper else 3  # stages
+    paper_options = {"n": n, "model_name": model_name, "seeds": seeds, "concurrency": concurrency, "epsilon": epsilon,
+                     "min_gap": min_gap, "smoke": smoke, "ray_address": ray_address, "samples": samples,
+                     "standard_cfg": standard_cfg}
     ray_started = init_ray(ray_address, verbose)
     try:
         t0 = time.perf_counter()
         if source is not None:
             source = Path(source)
-            log(f"[1/3] pretrain: skipped, protecting the given source {source}")
+            log(f"[1/{n}] pretrain: skipped, protecting the given source {source}")
         elif (card := _card_or_none(root / "source")) and card.get("lineage", {}).get("stage_hash") == task.source_stage_hash():
             source = root / "source"
-            log(f"[1/3] pretrain: {source} is up to date, skipped")
+            log(f"[1/{n}] pretrain: {source} is up to date, skipped")
         else:
             source = root / "source"
-            log("[1/3] pretrain the unprotected source model")
+            log(f"[1/{n}] pretrain the unprotected source model")
             tracked.pretrain(cfg, source, log)
         source_sha = read_card(source)["sha256"]
         times["pretrain"] = time.perf_counter() - t0
@@ -104,9 +113,14 @@ def run_pipeline(
                        storage_path=storage_path, gpus_per_worker=gpus_per_worker, verbose=verbose, force=force,
                        standard_cfg=standard_cfg, log=log)
             times["harden"] = time.perf_counter() - t0
+            paths = {"source": source, "protected": h["protected"], "audit": h["audit_dir"]}
+            extra = {}
+            if paper:
+                t0 = time.perf_counter()
+                extra["paper_audit"] = _paper_audit(cfg, Path(h["protected"]), root, log, **paper_options)
+                times["paper-v1 audit"], paths["paper_audit"] = time.perf_counter() - t0, root / PAPER_DIR
             return {"audit": h["audit"], "metrics": json.loads((h["protected"] / "metrics.json").read_text()),
-                    "times": times, "wall": time.perf_counter() - started, "harden": h,
-                    "paths": {"source": source, "protected": h["protected"], "audit": h["audit_dir"]}}
+                    "times": times, "wall": time.perf_counter() - started, "harden": h, "paths": paths, **extra}
 
         t0 = time.perf_counter()
         protected = root / "protected"
@@ -114,9 +128,9 @@ def run_pipeline(
         card = _card_or_none(protected)
         version = None
         if card and card.get("lineage", {}).get("stage_hash") == stage:
-            log(f"[2/3] protect: {protected} is up to date, skipped")
+            log(f"[2/{n}] protect: {protected} is up to date, skipped")
         else:
-            log(f"[2/3] protect with SOPHON ({'in-process' if workers == 0 else f'{workers} Ray Train workers'})")
+            log(f"[2/{n}] protect with SOPHON ({'in-process' if workers == 0 else f'{workers} Ray Train workers'})")
             extra = {"ray_address": ray_address, "storage_path": storage_path, "verbose": verbose,
                      "gpus_per_worker": gpus_per_worker} if workers else {}
             _, version = tracked.protect(cfg, str(source), protected, log, model_name=model_name, workers=workers, **extra)
@@ -128,10 +142,10 @@ def run_pipeline(
         stage = config_hash((cfg.attack, *extensions(cfg))) + f"-{protected_sha[:8]}-{suite}-{search}-{seeds}-{epsilon}-{min_gap}-{samples}-{smoke}"
         done = audit_dir / "stage.json"
         if (audit_dir / "audit.json").exists() and done.exists() and json.loads(done.read_text()).get("stage") == stage:
-            log(f"[3/3] audit: {audit_dir / 'audit.json'} is up to date, skipped")
+            log(f"[3/{n}] audit: {audit_dir / 'audit.json'} is up to date, skipped")
             result = json.loads((audit_dir / "audit.json").read_text())
         else:
-            log("[3/3] audit on Ray Tune: attacks on protected, scratch and original models")
+            log(f"[3/{n}] audit on Ray Tune: attacks on protected, scratch and original models")
             result = tracked.audit(cfg, str(protected), audit_dir, log, model_name=model_name, version=version,
                                    suite=suite, search=search, seeds=seeds, concurrency=concurrency, epsilon=epsilon,
                                    min_gap=min_gap, smoke=smoke,
@@ -139,11 +153,44 @@ def run_pipeline(
                                    standard_cfg=standard_cfg)
             write_json_atomic(done, {"stage": stage})
         times["audit"] = time.perf_counter() - t0
+        paper_result = None
+        if paper:
+            t0 = time.perf_counter()
+            paper_result = _paper_audit(cfg, protected, root, log, version=version, **paper_options)
+            times["paper-v1 audit"] = time.perf_counter() - t0
     finally:
         if ray_started:
             from sophon_ray.runtime import ray_local
 
             ray_local.shutdown()
     metrics = json.loads((protected / "metrics.json").read_text())
+    paths = {"source": source, "protected": protected, "audit": audit_dir}
+    if paper_result is not None:
+        paths["paper_audit"] = root / PAPER_DIR
     return {"audit": result, "metrics": metrics, "times": times, "wall": time.perf_counter() - started,
-            "paths": {"source": source, "protected": protected, "audit": audit_dir}}
+            "paths": paths, **({"paper_audit": paper_result} if paper_result is not None else {})}
+
+
+PAPER_SUITE, PAPER_DIR = "paper-v1", "audit-paper"
+SMOKE_PAPER_BUDGETS = (1, 2)  # epochs: `run --smoke --paper` stays a smoke run
+
+
+def _paper_audit(cfg: PipelineConfig, protected: Path, root: Path, log: Log, *, n: int, smoke: bool,
+                 **options: Any) -> dict[str, Any]:
+    """`run --paper`'s last stage: the protected model audited with the paper's protocol (`paper-v1`)
+    in `root/audit-paper`; skipped when its output was made from the same config and weights."""
+    out = root / PAPER_DIR
+    budgets = SMOKE_PAPER_BUDGETS if smoke else None
+    sha = read_card(protected)["sha256"]
+    keys = ("seeds", "epsilon", "min_gap", "samples")
+    stage = (config_hash((cfg.attack, *extensions(cfg))) + f"-{sha[:8]}-{PAPER_SUITE}-{budgets}-"
+             + "-".join(str(options[k]) for k in keys) + f"-{smoke}")
+    done = out / "stage.json"
+    if (out / "audit.json").exists() and done.exists() and json.loads(done.read_text()).get("stage") == stage:
+        log(f"[4/{n}] paper-v1 audit: {out / 'audit.json'} is up to date, skipped")
+        return json.loads((out / "audit.json").read_text())
+    log(f"[4/{n}] paper-v1 audit on Ray Tune: the SOPHON paper's protocol (epochs on the whole restricted split)")
+    result = tracked.audit(cfg, str(protected), out, log, suite=PAPER_SUITE, budgets=budgets, smoke=smoke,
+                           judge_dir=str(root / "judge"), **options)
+    write_json_atomic(done, {"stage": stage})
+    return result

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sophon_ray.tasks.base import ACCURACY, Metric
+from sophon_ray.tasks.base import ACCURACY, Metric, metric_named
 
 STATUSES = ("passed", "inconclusive", "failed")
 
@@ -147,3 +147,89 @@ def detail_table(detail: dict[str, dict[str, dict[str, float]]], budgets: tuple[
             cells = ("-".rjust(w) if values.get(str(b)) is None else f"{values[str(b)]:.{digits}f}".rjust(w) for b in budgets)
             rows.append(f"{subject + ' ' + part:18s}" + "".join(cells))
     return "\n".join(rows)
+
+
+def _at_budget(v: dict[str, Any], b: str) -> str:
+    """One budget's reading: `holds` (residual <= epsilon where the source beats scratch by at least
+    min_gap), `no power` (residual <= epsilon, but the source is worth less than min_gap there) or
+    `broken` (the protected model gives an attacker more than epsilon over scratch)."""
+    residual, gap = (v.get("residual") or {}).get(b), (v.get("gap") or {}).get(b)
+    if residual is None:
+        return "-"
+    if residual > v["epsilon"]:
+        return "broken"
+    return "holds" if gap is not None and gap >= v.get("min_gap", 0.0) else "no power"
+
+
+def side_by_side(audits: list[tuple[str, dict[str, Any]]], digits: int = 3) -> str:
+    """Several audits of one model as one plain-text table, a row per audit and budget: the best
+    value an attacker reached on scratch / the source / the protected model, the control's gap,
+    the share of it the protection removed and what that budget shows (`_at_budget`); then one
+    status line per audit. `audits`: (label, audit.json dict) pairs, e.g. the full audit and paper-v1."""
+    w = max(8, digits + 5)
+    head = f"{'audit':12s}{'budget':>11s}{'scratch':>{w}s}{'source':>{w}s}{'protected':>{w + 2}s}{'gap':>{w}s}{'removed':>{w}s}  at this budget"
+    rows = [head, "-" * len(head)]
+
+    def cell(value: Any, fmt: str, width: int = w) -> str:
+        return ("-" if value is None else format(value, fmt)).rjust(width)
+
+    for label, audit in audits:
+        v, worst = audit["verdict"], audit["worst_case"]
+        unit = (audit.get("protocol") or {}).get("unit", "steps")
+        for i, b in enumerate(str(b) for b in audit["budgets"]):
+            at = f"{b} {unit[:-1] if b == '1' else unit}"  # "1 epoch", "5 epochs"
+            rows.append(f"{label if i == 0 else '':12s}{at:>11s}"
+                        + cell(worst.get("scratch", {}).get(b), f".{digits}f") + cell(worst.get("original", {}).get(b), f".{digits}f")
+                        + cell(worst.get("protected", {}).get(b), f".{digits}f", w + 2)
+                        + cell((v.get("gap") or {}).get(b), f"+.{digits}f") + cell((v.get("removed") or {}).get(b), ".0%")
+                        + f"  {_at_budget(v, b)}")
+    rows.append("-" * len(head))
+    for label, audit in audits:
+        rows.append(f"{label:12s}{_status(audit['verdict'])}")
+    return "\n".join(rows)
+
+
+def _status(v: dict[str, Any]) -> str:
+    """`FAILED: margin +0.269 vs epsilon 0.02, control gap +0.419 (min_gap 0.1)`."""
+    margin = "n/a" if v.get("margin") is None else f"{v['margin']:+.3f}"
+    control = "none" if v.get("control_gap") is None else f"{v['control_gap']:+.3f}"
+    failed = f", {v['failed_trials']} failed trials" if v.get("failed_trials") else ""
+    return (f"{v['status'].upper()}: margin {margin} vs epsilon {v['epsilon']:g}, control gap {control} "
+            f"(min_gap {v.get('min_gap'):g}){failed}")
+
+
+def meaning(audit: dict[str, Any], label: str = "the audit") -> str:
+    """What an audit's verdict means, in plain words (the `run` summary's last lines): what was
+    measured, against which attacks, and what it does not show."""
+    v = audit["verdict"]
+    status, margin, control, eps = v["status"], v.get("margin"), v.get("control_gap"), v["epsilon"]
+    trials = [t for t in audit.get("trials", []) if t.get("status") == "ok"]
+    power = (f"the unprotected source is worth up to {control:+.3f} over training from scratch, so the benchmark "
+             f"has power (min_gap {v.get('min_gap')})") if control is not None else ""
+    if status == "passed":
+        return (f"{label} PASSED: no attack in it got more than epsilon {eps:g} out of the protected model beyond "
+                f"training from scratch (largest advantage {margin:+.3f}), while {power}. The protection holds "
+                f"against these {len({str(t['recipe']) for t in trials})} recipes at these budgets; attacks it did not "
+                "try are not covered.")
+    if status == "inconclusive":
+        why = ("the unprotected source was not attacked, so the benchmark's power is unknown" if control is None else
+               f"so is the unprotected source (gap {control:+.3f} < min_gap {v.get('min_gap')}): this benchmark cannot "
+               "tell a protected model from an unprotected one")
+        return f"{label} is INCONCLUSIVE: the protected model is no better than scratch (margin {margin:+.3f}), but {why}."
+    if margin is None or v.get("failed_trials"):
+        return f"{label} FAILED without a complete measurement: {v.get('reason', '')}."
+    budget = max(v["residual"], key=lambda b: v["residual"][b])
+    sign = metric_named(audit.get("metric", ACCURACY.name)).sign
+    best = [t for t in trials if t["subject"] == "protected" and t["curve"].get(budget) is not None]
+    strongest = ""
+    if best:
+        from sophon_ray.config import Recipe, recipe_label
+
+        top = max(best, key=lambda t: sign * t["curve"][budget])["recipe"]
+        strongest = f" (strongest: {recipe_label(Recipe(**top)) if isinstance(top, dict) else top})"
+    unit = (audit.get("protocol") or {}).get("unit", "steps")
+    tail = (f"; {power}, so this is a real failure" if control is not None and control >= v.get("min_gap", 0.0)
+            else "; the unprotected source is worth less than min_gap here, so the benchmark is weak too")
+    return (f"{label} FAILED: fine-tuning the protected model gets an attacker {margin:+.3f} over training from "
+            f"scratch at {budget} {unit}{strongest}, more than epsilon {eps:g}{tail}. The protection does not hold "
+            "against these attacks.")

@@ -33,6 +33,7 @@ BUNDLED: dict[str, str] = {
     "digits-diffusion": "digits_diffusion.py",
     "mnist": "mnist.py",
     "mnist-to-digits": "mnist_to_digits.py",
+    "mnist-to-digits-demo": "mnist_to_digits_demo.py",
     "imagenette-cifar10": "imagenette_cifar10.py",
     "cifar100-celeba": "cifar100_celeba.py",
 }

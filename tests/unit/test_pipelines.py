@@ -86,7 +86,8 @@ def test_imagenette_cifar10_selects_the_papers_other_architectures(arch):
 
 
 def test_pipelines_listed_in_registry_order(capsys):
-    assert list(PIPELINES) == ["digits", "digits-diffusion", "mnist", "mnist-to-digits", "imagenette-cifar10", "cifar100-celeba"]
+    assert list(PIPELINES) == ["digits", "digits-diffusion", "mnist", "mnist-to-digits", "mnist-to-digits-demo",
+                               "imagenette-cifar10", "cifar100-celeba"]
     assert main(["pipelines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[: len(PIPELINES)]] == list(PIPELINES)
@@ -178,6 +179,7 @@ PINNED_HASHES = {
     "digits-diffusion": ("ff485e0c0c4e24f7", "dfa5dbdead8d9186"),
     "mnist": ("a8944a8d66949b29", "f39c065a5d6bcb0d"),
     "mnist-to-digits": ("0aa1963316f5a0ae", "b314cd76c4c1e9df"),
+    "mnist-to-digits-demo": ("6c7f10151055269a", "1307c7e05a4aa2ce"),  # added with it (issue 30 part 2)
     "imagenette-cifar10": ("a75722c343f84cfd", "0e69224a89f1934f"),
     "cifar100-celeba": ("deae18c371a529be", "45b86509b50cc032"),
 }
