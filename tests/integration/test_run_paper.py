@@ -28,6 +28,7 @@ def test_run_paper_adds_a_tracked_paper_v1_audit_side_by_side(tmp_path, capsys):
     p = paper["protocol"]
     assert (p["suite"], p["unit"], p["budgets"], p["certifies"]) == ("paper-v1", "epochs", [1, 2], False)  # --smoke: 1, 2
     assert p["attacker_data"] == "full restricted training split" and not paper["certification"]["certifies"]
+    assert len(paper["trials"]) == 27 and {t["seed"] for t in paper["trials"]} == {0}  # each recipe once, 3 subjects
     assert "[4/4] paper-v1 audit on Ray Tune" in err
     table = out[out.index("Side by side"):].splitlines()
     assert [line.split()[:3] for line in table if line.startswith(("test-v1 ", "paper-v1 "))][:2] == [
