@@ -157,3 +157,15 @@ def test_paper_v1_is_the_papers_protocol_and_round_trips():
     assert p.epochs_to_steps((1, 2), 50, 200) == (1, 2)
     steps = ClassifierTask.protocol(ClassifierTask.__new__(ClassifierTask), "quick-v3")
     assert steps.unit == "steps" and steps.epochs_to_steps((10, 25), 1437, 200) == (10, 25)
+
+
+def test_screen_v1_is_the_documented_screen():
+    """screen-v1 (docs/results.md, "Hardening"): the four recipes that break the default
+    mnist-to-digits protection plus the paper's SGD 1e-4; too small to certify."""
+    from sophon_ray.audit.driver import MINIMUM
+    from sophon_ray.tasks.classifier.suites import SCREEN_V1
+
+    assert get_suite("screen-v1") is SCREEN_V1 and [(r.strategy, r.optimizer, r.lr) for r in SCREEN_V1] == [
+        ("direct-all", "adadelta", 1.0), ("direct-all", "rmsprop", 1e-3), ("direct-all", "adagrad", 1e-2),
+        ("initFC-all", "adadelta", 0.5), ("direct-all", "sgd", 1e-4)]
+    assert SCREEN_V1[3].weight_decay == 1e-3 and len(SCREEN_V1) < MINIMUM["recipes"]

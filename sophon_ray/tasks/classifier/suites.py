@@ -134,10 +134,22 @@ PAPER_V1_PROTOCOL = SuiteProtocol(
     budgets=(5, 10, 20), unit="epochs", attacker_data="full", certifies=False,
     note="the SOPHON paper's evaluation (gentle: lr 1e-4, 9 recipes): recorded, never certifies")
 
+# 5 recipes: issue 29's fixed screen, for comparing protections quickly (never certifies: too few
+# recipes): the four that break the default mnist-to-digits protection (docs/results.md) plus the
+# paper's SGD 1e-4. `--suite screen-v1 --budgets 10,25` is the screen of docs/results.md, "Hardening".
+SCREEN_V1: tuple[Recipe, ...] = (
+    R("direct-all", "adadelta", 1.0, 32),
+    R("direct-all", "rmsprop", 1e-3, 32),
+    R("direct-all", "adagrad", 1e-2, 32),
+    R("initFC-all", "adadelta", 0.5, 32, weight_decay=1e-3),
+    R("direct-all", "sgd", 1e-4, 32),
+)
+
 DEFAULT_SUITE = "default-v1"
 SUITES: dict[str, tuple[Recipe, ...]] = {"quick-v1": QUICK_V1, "quick-v2": QUICK_V2, "quick-v3": QUICK_V3,
                                          "default-v1": DEFAULT_V1, "test-v1": TEST_V1, "paper-v1": PAPER_V1,
-                                         "default-v2": DEFAULT_V2}
+                                         "default-v2": DEFAULT_V2,
+                                         "screen-v1": SCREEN_V1}
 PROTOCOLS: dict[str, SuiteProtocol] = {"paper-v1": PAPER_V1_PROTOCOL}
 
 
