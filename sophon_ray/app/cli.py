@@ -40,6 +40,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="replace whatever is at --out (default: refuse anything that is not this command's own output)")
 
 
+def _protect_flags(p: argparse.ArgumentParser, storage: str) -> None:
+    """The protection stage's flags of `run` and `harden` (Ray Train workers, registry name, storage)."""
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
+    p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
+    p.add_argument("--storage-path", default=None, help=storage)
+
+
 def _preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, metavar="NAME",
                    help="named protection settings put before your --set overrides: 'paper' = the SOPHON "
@@ -460,10 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     _audit_flags(p, seeds=2, suite_default="quick-v3, test-v1 with --smoke; "
                  "diffusion: diffusion-v2, diffusion-test-v1 with --smoke")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
-    p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
-    p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
+    _protect_flags(p, storage="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--source", default=None, help="protect this model (directory or MLflow URI) instead of pretraining one")
     p.add_argument("--paper", action="store_true",
                    help="then audit the protected model with the SOPHON paper's protocol too (suite paper-v1, in "
@@ -480,10 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rounds_flags(p, required=True)
     _audit_flags(p, seeds=2, suite_default="quick-v3, test-v1 with --smoke; "
                  "diffusion: diffusion-v2, diffusion-test-v1 with --smoke")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers for protection (0 = in-process)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
-    p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
-    p.add_argument("--storage-path", default=None, help="Ray Train storage (default <out>/.ray; shared NFS/S3 on a cluster)")
+    _protect_flags(p, storage="Ray Train storage (default <out>/.ray; shared NFS/S3 on a cluster)")
     _preset_flag(p)
     _common(p)
     p.set_defaults(func=cmd_harden)
