@@ -146,8 +146,13 @@ def cmd_protect(args: argparse.Namespace) -> int:
         extra = dict(gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                      ray_address=args.ray_address, storage_path=args.storage_path, resume=args.resume,
                      verbose=args.verbose)
+    start = _model(args.start) if args.start else None
+    if start is not None:
+        from sophon_ray.modeldir import read_card
+
+        read_card(start)  # refuse a --start that is not a model before any work
     out, _ = tracked.protect(cfg, _model(args.source), _out(args, "protected"), log=_log, model_name=args.model_name,
-                             workers=workers, source_ref=args.source, **extra)
+                             workers=workers, source_ref=args.source, start=start, **extra)
     print(out)
     return 0
 
@@ -441,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per Ray Train worker")
     p.add_argument("--local", action="store_true", help="in-process (same as --workers 0)")
     p.add_argument("--resume", action="store_true", help="continue a stopped Ray Train run from its last checkpoint")
+    p.add_argument("--start", default=None, metavar="MODEL",
+                   help="start from this protected model's weights instead of the source's (more compute on a "
+                        "finished protection); the source stays the teacher, the guard's reference and the audit's control")
     p.add_argument("--storage-path", default=None, help="Ray Train storage (shared NFS/S3 on a real cluster)")
     p.add_argument("--model-name", default=None, help="registered model name (default sophon-<pipeline>)")
     _preset_flag(p)

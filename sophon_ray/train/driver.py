@@ -163,7 +163,8 @@ def _tail_progress(path: Path, total: int, stop: threading.Event, log: Callable[
                 orig = f" orig_{label} {m['orig_metric']:{f}}" if "orig_metric" in m else ""
                 fts = f" fts_loss {m['fts_loss']:{f}} sim_{label} {m['sim_metric']:{f}}" if "fts_loss" in m else ""
                 ntr = f" ntr_loss {m['ntr_loss']:{f}}" if "ntr_loss" in m else ""
-                log(f"protect {m['iteration']}/{total}{fts}{ntr}{orig} ({m['seconds']:.1f}s, {m['world']} workers)")
+                rss = f", worker peak RSS {m['rss_peak_mib']:.0f} MiB" if "rss_peak_mib" in m else ""
+                log(f"protect {m['iteration']}/{total}{fts}{ntr}{orig} ({m['seconds']:.1f}s, {m['world']} workers{rss})")
             seen = len(lines)
         if final:
             return

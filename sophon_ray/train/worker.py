@@ -124,7 +124,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done = it == cfg.protect.iterations
         if it % config["report_every"] == 0 or done or it % config["checkpoint_every"] == 0:
             summary = {k: _mean(v) for k, v in window.items()}
-            summary.update(iteration=it, seconds=time.perf_counter() - start, world=world)
+            summary.update(iteration=it, seconds=time.perf_counter() - start, world=world,
+                           rss_peak_mib=_peak_rss_mib())  # this worker's peak memory so far
             window = {}
             _report(prot, summary, rank, progress, it % config["checkpoint_every"] == 0 or done)
     if rank == 0:
@@ -135,6 +136,13 @@ def _mean(values: list[float]) -> float:
     """Mean of the finite values (a skipped FTS step reports NaN), NaN if there are none."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (`ru_maxrss`: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _process_start() -> float | None:

@@ -21,6 +21,7 @@ from sophon_ray.errors import UserError
         (["attack", "digits", "--model", "/nonexistent", "--recipe", "optimizer=sgd"], "not a sophon-ray model"),
         (["pretrain", "digits", "--set", "original.source=cifar10", "--set", "original.root=/nonexistent"], "/nonexistent"),
         (["protect", "digits", "--source", "scratch", "--set", "protect.loss=foo"], "foo"),
+        (["protect", "digits", "--source", "/nonexistent", "--start", "/nonexistent-start"], "/nonexistent-start"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys):
