@@ -48,12 +48,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     styles = {b: s for b, s in zip(budgets, ("-o", "--s", ":^", "-.v"))}
-    for start in dict.fromkeys(p["start"] for p in pts):
+    for color, start in zip(("tab:blue", "tab:red", "tab:green", "tab:purple"), dict.fromkeys(p["start"] for p in pts)):
         ps = [p for p in pts if p["start"] == start]
         for b in budgets:
-            ax.plot([p["multiple"] for p in ps], [100 * p["removed"][b] for p in ps], styles[b],
+            ax.plot([p["multiple"] for p in ps], [100 * p["removed"][b] for p in ps], styles[b], color=color,
                     label=f"{start}, {b} steps")
     ax.axhline(50, color="grey", lw=0.8)
     ax.axhline(90, color="grey", lw=0.8, ls=":")
@@ -61,7 +61,7 @@ def main() -> None:
     ax.set_xlabel("protection compute (x pipeline default, iterations x K)")
     ax.set_ylabel("removed (% of the source's advantage)")
     ax.set_title("mnist-to-digits: removed vs protection compute")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp.png")
