@@ -147,6 +147,25 @@ class ProtectConfig:
     # teacher, CE + distillation on original images, while FTS suppresses the restricted one; the
     # guard only measures until it first passes). docs/design.md, "Co-training".
     init: str = "source"
+    # Long-horizon FTS terms beside ICE / KLU (issue 36; core/horizon.py has the formulas). Each is off
+    # at weight 0.0 (the meta-gradient is then bit-identical to SOPHON's) and first order; tail_weight
+    # and curv_weight need protect.order=first and run the environments sequentially.
+    # Progress bound (CLAMP): the FTS objective adds tail_weight * ℓ_∞, the last query loss plus a
+    # geometric tail of its latest increase, with the ratio of successive increases clamped to
+    # [0, tail_ratio_max] (0 < tail_ratio_max < 1).
+    tail_weight: float = 0.0
+    tail_ratio_max: float = 0.9
+    # Directional curvature (CLAMP / condition-number immunization): the FTS objective adds
+    # -curv_weight * tanh(κ / curv_scale), κ the attacker's fit-loss curvature along its own update at
+    # each query point, by finite differences of gradients with step curv_eps (parameter-space norm).
+    curv_weight: float = 0.0
+    curv_eps: float = 1e-2
+    curv_scale: float = 1.0
+    # Gradient coupling (SEAM): each FTS step adds couple_weight * cos(∇ restricted fit loss, ∇ NTR
+    # loss) at θ (one restricted batch of query_batch, one original batch of ntr_batch), its
+    # Hessian-vector products by finite differences with step couple_eps.
+    couple_weight: float = 0.0
+    couple_eps: float = 1e-2
 
 
 @dataclass(frozen=True)
@@ -269,7 +288,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # they are left out of `config_hash`, so a config that does not use them keeps its hash (its stage
 # hashes, Ray Train run names, resumable runs); set to anything else, they are hashed as usual.
 HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"recipes": (), "recipe_prob": 0.5,  # EnvSpace, issue 29
-                                      "init": "source"}  # ProtectConfig (co-training), issue 29
+                                      "init": "source",  # ProtectConfig (co-training), issue 29
+                                      # ProtectConfig's long-horizon FTS terms, issue 36
+                                      "tail_weight": 0.0, "tail_ratio_max": 0.9, "curv_weight": 0.0,
+                                      "curv_eps": 1e-2, "curv_scale": 1.0, "couple_weight": 0.0, "couple_eps": 1e-2}
 
 
 def _hashed_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -410,7 +432,8 @@ def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
 # the released code computes CrossEntropy(1 - logits), which equals `ice-neg` because softmax is
 # shift-invariant), ONE simulated environment per step, K = 50 inner SGD steps at lr 1e-4 with the
 # head re-initialised (Xavier, zero bias) before each simulation, support batches of 130 and query
-# batches of 20 (the reference splits each batch of 150 into 90% adaptation, 10% evaluation),
+# batches of 20 (the reference adapts on int(150 * 0.9 / 10) = 13 images per class of each batch of 150, 130,
+# and evaluates on the other 20),
 # first-order meta-gradient averaged uniformly over the steps, Adam outer lr 3e-4 (FTS) and 5e-4
 # (NTR) with NTR batches of 150, total gradient norm clipped to 0.5, 1,000 outer iterations of one
 # FTS and one NTR step. Kept from the pipeline: the guard (relative to the source's accuracy, the

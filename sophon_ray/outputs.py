@@ -35,6 +35,10 @@ KINDS: dict[str, tuple[str, ...]] = {
     "harden": ("harden.json", "removed.png", "round-*", "judge", ".ray", ".*.tmp-*", ".*.old-*"),
 }
 _ROUND = ("protected", "audit", ".*.tmp-*", ".*.old-*")  # a harden round's folder: round-<r>/
+# The stages of a `run` folder and the kind each holds: `claim_run` claims all of them (CLI and API alike).
+RUN_STAGES: tuple[tuple[str, str], ...] = (("source", "model"), ("protected", "model"), ("audit", "audit"),
+                                           ("judge", "model"), ("harden", "harden"), ("audit-paper", "audit"))
+STAGE = "stage.json"  # in an audit folder: the stage key it was made for (`stage_done`)
 _CLAIMED: dict[str, str] = {}  # resolved path -> kind claimed by this process (with --force or as ours)
 
 
@@ -125,6 +129,32 @@ def claim(path: str | Path, kind: str, force: bool = False, flag: str = "--out")
     if force or p.exists():
         _CLAIMED[_key(p)] = kind
     return p
+
+
+def claim_run(root: str | Path, force: bool = False) -> Path:
+    """Claim a `run` folder and every stage folder in it (`RUN_STAGES`) before any work."""
+    root = claim(Path(root), "run", force=force)
+    for stage, kind in RUN_STAGES:
+        claim(root / stage, kind, force=force)
+    return root
+
+
+def stage_done(out: str | Path, stage: str) -> bool:
+    """Whether the stage folder `out` holds a finished output made for `stage`: a model directory
+    whose card's `lineage.stage_hash` is `stage`, or an audit folder with audit.json and a
+    `stage.json` naming `stage` (`mark_stage`)."""
+    out = Path(out)
+    try:
+        if (out / "model.json").is_file():
+            return (json.loads((out / "model.json").read_text()).get("lineage") or {}).get("stage_hash") == stage
+        return (out / "audit.json").is_file() and json.loads((out / STAGE).read_text()).get("stage") == stage
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def mark_stage(out: str | Path, stage: str) -> None:
+    """Record (atomically, after the output is complete) that `out` was made for `stage`."""
+    write_json_atomic(Path(out) / STAGE, {"stage": stage})
 
 
 def guard(path: str | Path, kind: str) -> None:

@@ -99,11 +99,9 @@ def run(cfg: PipelineConfig, out: str | Path, *, source: str | Path | None = Non
     (audit, metrics, times, paths). `options` as `app.workflow.run_pipeline` (including
     `standard_cfg`, as for `audit`)."""
     from sophon_ray.app.workflow import run_pipeline
-    from sophon_ray.outputs import claim
+    from sophon_ray.outputs import claim_run
 
     _loopback()
-    root = claim(Path(out), "run", force=force)
-    for stage, kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model"),
-                        ("audit-paper", "audit")):
-        claim(root / stage, kind, force=force)
-    return run_pipeline(cfg, root, source=_local(source) if source is not None else None, log=log, **options)
+    root = claim_run(out, force=force)
+    return run_pipeline(cfg, root, source=_local(source) if source is not None else None, log=log, force=force,
+                        **options)

@@ -221,6 +221,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
     check_thresholds(cfg, args.epsilon, args.min_gap)
+    if args.reruns < 0:
+        raise UserError(f"--reruns {args.reruns}: must be >= 0 (0 = each recipe once)")
     out = _out(args, "audit", "audit")
     judge = claim(args.judge, "model", force=args.force, flag="--judge") if args.judge else out / "judge"
     result = tracked.audit(
@@ -228,6 +230,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         budgets=_budgets(args.budgets), concurrency=args.concurrency, seeds=args.seeds,
         epsilon=args.epsilon, min_gap=args.min_gap, ray_address=args.ray_address, samples=not args.no_samples,
         judge_dir=str(judge), smoke=args.smoke, model_ref=args.model, standard_cfg=_standard(args.pipeline),
+        top_k=args.reruns,
     )
     return 1 if args.strict and not result["verdict"]["passed"] else 0
 
@@ -235,9 +238,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from sophon_ray import tasks
     from sophon_ray.app.workflow import run_pipeline
-    from sophon_ray.audit.driver import check_thresholds
-    from sophon_ray.audit.verdict import headline, meaning, table
-    from sophon_ray.outputs import claim
+    from sophon_ray.audit.driver import check_audit_flags, check_thresholds
+    from sophon_ray.audit.verdict import audit_table, headline, meaning
+    from sophon_ray.outputs import claim_run
     from sophon_ray.tracking import resolve_uri
 
     cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
@@ -245,14 +248,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be >= 0 (0 = in-process)")
     check_thresholds(cfg, args.epsilon, args.min_gap)
-    root = claim(Path(args.out) if args.out else Path("out") / _name(args.pipeline), "run", force=args.force)
-    for stage, sub_kind in (("source", "model"), ("protected", "model"), ("audit", "audit"), ("judge", "model"),
-                            ("harden", "harden"), ("audit-paper", "audit")):
-        claim(root / stage, sub_kind, force=args.force)
     _check_rounds(args)
+    suite = args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite)
+    check_audit_flags(cfg, suite=suite, search=args.search, seeds=args.seeds, smoke=args.smoke)  # before anything is claimed
+    root = claim_run(Path(args.out) if args.out else Path("out") / _name(args.pipeline), force=args.force)
     summary = run_pipeline(
         cfg, root, workers=args.workers, source=_model(args.source) if args.source else None, search=args.search, min_gap=args.min_gap, smoke=args.smoke,
-        suite=args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite),
+        suite=suite,
         seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, log=_log, samples=not args.no_samples, standard_cfg=_standard(args.pipeline),
@@ -261,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     audit, metrics, v = summary["audit"], summary["metrics"], summary["audit"]["verdict"]
     m = task.metric
     print(f"\nBest ({m.superlative}) restricted test {m.name} an attacker reached (worst case over all recipes):")
-    print(table(audit["worst_case"], tuple(audit["budgets"]), m.digits, v))
+    print(audit_table(audit))
     key = f"original_test_{m.name}"
     print(f"\noriginal-domain test {m.name}: source {metrics[f'source_{key}']:.4f}, protected {metrics[key]:.4f}")
     print(headline(v))
@@ -327,8 +329,8 @@ def cmd_harden(args: argparse.Namespace) -> int:
     strongest recipes fed back, audit (Ray Tune), until `passed` or --rounds rounds."""
     from sophon_ray import tasks
     from sophon_ray.app.harden import harden
-    from sophon_ray.audit.driver import check_thresholds
-    from sophon_ray.audit.verdict import headline, table
+    from sophon_ray.audit.driver import check_audit_flags, check_thresholds
+    from sophon_ray.audit.verdict import audit_table, headline
 
     cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
     task = tasks.of(cfg)
@@ -338,6 +340,8 @@ def cmd_harden(args: argparse.Namespace) -> int:
         raise UserError("harden needs --rounds N (the most rounds to run; it stops earlier at a passed audit)")
     _check_rounds(args)
     check_thresholds(cfg, args.epsilon, args.min_gap)
+    suite = args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite)
+    check_audit_flags(cfg, suite=suite, search=args.search, seeds=args.seeds, smoke=args.smoke)  # before anything is claimed
     root = _out(args, "harden", "harden")
     summary = harden(
         cfg, root, source=_model(args.source), rounds=args.rounds, feedback=args.feedback, workers=args.workers,
@@ -348,7 +352,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     )
     audit, v, m = summary["audit"], summary["audit"]["verdict"], task.metric
     print(f"\nLast round: best ({m.superlative}) restricted test {m.name} an attacker reached:")
-    print(table(audit["worst_case"], tuple(audit["budgets"]), m.digits, v))
+    print(audit_table(audit))
     print(headline(v))
     _print_rounds(summary, audit)
     print(f"last model: {summary['protected']}  report: {summary['audit_dir'] / 'report.html'}")
@@ -364,14 +368,19 @@ def cmd_samples(args: argparse.Namespace) -> int:
     task = tasks.of(cfg)
     if not task.has_samples:
         raise UserError(f"samples needs a diffusion pipeline; {cfg.name!r} is a {cfg.kind} (try digits-diffusion)")
-    from sophon_ray.tasks.diffusion.samples import sample_report, strongest_recipe
+    from sophon_ray.config import Recipe
+    from sophon_ray.tasks.diffusion.samples import attack_steps, sample_report, strongest_trial
 
     recipe = parse_recipe(args.recipe) if args.recipe else task.default_recipe
+    length = None  # (optimizer steps, the audit's budget in words) of the audit's largest budget
     if args.audit:
         path = Path(args.audit)
         if not path.is_file():
             raise UserError(f"--audit {path}: no such file; pass the audit.json of a diffusion audit")
-        recipe = strongest_recipe(json.loads(path.read_text())) or recipe
+        audit = json.loads(path.read_text())
+        trial = strongest_trial(audit)
+        recipe = Recipe(**trial["recipe"]) if trial else recipe
+        length = attack_steps(audit, trial) if trial else None
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: need at least 1 attack step")
     model = _model(args.model)
@@ -383,7 +392,8 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
     out = _out(args, "samples", "samples")
     judge = claim(args.judge, "model", force=args.force, flag="--judge") if args.judge else out / "judge"
-    result = sample_report(task, subjects, out, recipe, steps=args.steps, judge_dir=judge, log=_log)
+    result = sample_report(task, subjects, out, recipe, steps=args.steps or (length[0] if length else None),
+                           budget=None if args.steps or not length else length[1], judge_dir=judge, log=_log)
     for name, row in result["subjects"].items():
         rec = {w: row[w]["recognised"] for w in ("before", "after") if w in row}
         rej = {w: row[w].get("rejected") for w in ("before", "after") if w in row}
@@ -469,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_flags(p, seeds=3, suite_default="default-v1; diffusion-v2 for diffusion")
     p.add_argument("--budgets", default=None, help="comma-separated increasing step budgets, e.g. 25,50,100,200,400")
     p.add_argument("--judge", default=None, help="diffusion: judge classifier cache dir (default <out>/judge)")
+    p.add_argument("--reruns", type=int, default=3, metavar="K",
+                   help="re-run the K best recipes per ranking subject with --seeds more seeds (default 3; 0: each "
+                        "recipe once, which records 1 seed and so never certifies)")
     _common(p)
     p.set_defaults(func=cmd_audit)
 

@@ -33,10 +33,11 @@ from typing import Any, Callable
 
 from sophon_ray import tasks
 from sophon_ray.app import tracked
-from sophon_ray.config import PipelineConfig, config_hash, extensions, to_dict
+from sophon_ray.config import PipelineConfig, config_hash, to_dict
 from sophon_ray.errors import UserError
 from sophon_ray.modeldir import read_card
-from sophon_ray.outputs import claim, write_json_atomic
+from sophon_ray.app.workflow import audit_stage
+from sophon_ray.outputs import claim, mark_stage, stage_done, write_json_atomic
 
 FORMAT = "sophon-ray/harden@1"
 STATE, PLOT = "harden.json", "removed.png"
@@ -68,14 +69,13 @@ def _round_cfg(cfg: PipelineConfig, recipes: tuple[Any, ...]) -> PipelineConfig:
 
 
 def _protect(cfg: PipelineConfig, r: int, root: Path, source: Path, start: Path | None, src_sha: str,
-             opts: dict[str, Any], parent: str, log: Log) -> tuple[Path, str]:
-    """The round's protected model (skipped when it is there for exactly these inputs)."""
+             opts: dict[str, Any], parent: str, log: Log, fed_by: dict[str, Any] | None = None) -> tuple[Path, str]:
+    """The round's protected model (skipped when it is there for exactly these inputs); `fed_by`
+    goes into its card's lineage (the audit whose recipes it trains on)."""
     task = tasks.of(cfg)
     out = claim(root / f"round-{r}" / "protected", "model", force=opts["force"])
     start_sha = read_card(start)["sha256"] if start is not None else None
-    stage = task.protect_stage_hash(src_sha, opts["workers"], start_sha)
-    card = read_card(out) if (out / "model.json").is_file() else None
-    if card and (card.get("lineage") or {}).get("stage_hash") == stage:
+    if stage_done(out, task.protect_stage_hash(src_sha, opts["workers"], start_sha)):
         log(f"round {r}: protect: {out} is up to date, skipped")
     else:
         w = opts["workers"]
@@ -84,7 +84,7 @@ def _protect(cfg: PipelineConfig, r: int, root: Path, source: Path, start: Path 
         extra = {"ray_address": opts["ray_address"], "verbose": opts["verbose"], "gpus_per_worker": opts["gpus_per_worker"],
                  "storage_path": opts["storage_path"] or str(root / ".ray"), "resume": True} if w else {}
         tracked.protect(cfg, str(source), out, log, model_name=opts["model_name"], workers=w,
-                        start=str(start) if start is not None else None, parent_run_id=parent, **extra)
+                        start=str(start) if start is not None else None, parent_run_id=parent, fed_by=fed_by, **extra)
     return out, read_card(out)["sha256"]
 
 
@@ -93,9 +93,8 @@ def _audit(cfg: PipelineConfig, r: int, root: Path, protected: Path, sha: str, o
     """The round's audit (skipped when audit.json is there for exactly these inputs)."""
     out = claim(root / f"round-{r}" / "audit", "audit", force=opts["force"])
     keys = ("suite", "search", "seeds", "epsilon", "min_gap", "samples", "smoke")
-    stage = config_hash((cfg.attack, *extensions(cfg))) + f"-{sha[:8]}-" + "-".join(str(opts[k]) for k in keys)
-    done = out / "stage.json"
-    if (out / "audit.json").is_file() and done.is_file() and json.loads(done.read_text()).get("stage") == stage:
+    stage = audit_stage(cfg, sha, *(opts[k] for k in keys))
+    if stage_done(out, stage):
         log(f"round {r}: audit: {out / 'audit.json'} is up to date, skipped")
         return json.loads((out / "audit.json").read_text())
     log(f"round {r}: audit on Ray Tune")
@@ -104,7 +103,7 @@ def _audit(cfg: PipelineConfig, r: int, root: Path, protected: Path, sha: str, o
                            concurrency=opts["concurrency"], epsilon=opts["epsilon"], min_gap=opts["min_gap"],
                            smoke=opts["smoke"], ray_address=opts["ray_address"], samples=opts["samples"],
                            judge_dir=str(root / "judge"), standard_cfg=opts["standard_cfg"])
-    write_json_atomic(done, {"stage": stage})
+    mark_stage(out, stage)
     return result
 
 
@@ -146,7 +145,7 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
         "protected", "audit_dir": the last round's paths, "plot": removed.png, "state": harden.json}.
     """
     from sophon_ray import tracking
-    from sophon_ray.audit.driver import resolve_min_gap
+    from sophon_ray.audit.driver import check_audit_flags, resolve_min_gap
     from sophon_ray.train.driver import init_ray
 
     task = tasks.of(cfg)
@@ -154,7 +153,7 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
         raise UserError(f"--rounds {rounds} / --feedback {feedback}: each must be at least 1")
     if search is None:
         suite = suite or (task.smoke_suite if smoke else task.run_suite)
-    protocol = task.protocol(suite) if search is None else tasks.STEPS_PROTOCOL
+    protocol = check_audit_flags(cfg, suite=suite, search=search, seeds=seeds, smoke=smoke)[0]  # before any round
     epsilon = task.epsilon if epsilon is None else epsilon
     min_gap = resolve_min_gap(cfg, min_gap)
     root, source = Path(root), Path(source).resolve()
@@ -227,12 +226,25 @@ def _round(cfg: PipelineConfig, r: int, root: Path, source: Path, src_sha: str, 
     recipes = merged(cfg.protect.env.recipes, [f["env"] for rec in records for f in rec["fed_back"]])
     cfg_r = _round_cfg(cfg, recipes)
     t0 = time.perf_counter()
-    protected, sha = _protect(cfg_r, r, root, source, start, src_sha, opts, parent, log)
+    protected, sha = _protect(cfg_r, r, root, source, start, src_sha, opts, parent, log, fed_by=_fed_by(cfg, records, opts))
     t1 = time.perf_counter()
     audit = _audit(cfg_r, r, root, protected, sha, opts, parent, log)
     fed = feed(audit, tasks.of(cfg_r), protocol, feedback)
     seconds = {"protect": round(t1 - t0, 1), "audit": round(time.perf_counter() - t1, 1)}
     return _record(r, protected, sha, audit, recipes, fed, root, opts["model_name"], seconds), audit
+
+
+def _fed_by(cfg: PipelineConfig, records: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, Any] | None:
+    """What a round's weights trained against (its card's `lineage.fed_by`): the audit mode and attack
+    seed of the earlier rounds whose strongest recipes were fed back. An audit of the same mode and
+    attack seed does not certify these weights (`audit.driver.certification`); None for round 1."""
+    from sophon_ray.audit.driver import audit_mode
+
+    rounds = [rec["round"] for rec in records if rec["fed_back"]]
+    if not rounds:
+        return None
+    return {"mode": audit_mode(tasks.of(cfg), opts["suite"], opts["search"]), "attack_seed": int(cfg.attack.seed),
+            "seeds": opts["seeds"], "rounds": rounds}
 
 
 def _summary(root: Path, state: dict[str, Any]) -> dict[str, Any]:

@@ -16,11 +16,13 @@ model's metrics.json (`original_test_mse`, ...), the audit's worst case as `wors
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 from sophon_ray import tasks
 from sophon_ray.config import PipelineConfig, to_dict
+from sophon_ray.errors import UserError
 from sophon_ray.modeldir import read_card
 
 Log = Callable[[str], None]
@@ -56,12 +58,15 @@ def import_model(cfg: PipelineConfig, weights: str | Path, out: Path, log: Log, 
 
 def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name: str | None = None,
             workers: int = 0, source_ref: str | None = None, start: str | Path | None = None,
-            parent_run_id: str | None = None, **distributed: Any) -> tuple[Path, int]:
+            parent_run_id: str | None = None, fed_by: dict[str, Any] | None = None,
+            **distributed: Any) -> tuple[Path, int]:
     """Protect the local model directory `source` (in-process when `workers == 0`, else on Ray
     Train), log, register as `candidate`; `source_ref` is what the user named (an MLflow URI the
     CLI resolved to `source`), recorded as the run's tag. `start`: a model directory whose weights
     protection starts from (the hardening loop's previous round; tag `start_model`);
-    `parent_run_id`: nest the run under it (the harden run).
+    `parent_run_id`: nest the run under it (the harden run); `fed_by`: the audit (mode, attack seed)
+    whose recipes the round trained on (card lineage; an audit of that mode and seed cannot certify).
+    The guard's outcome is logged on both paths: metric `guard_passed` (1/0), `guard_last_pass`.
 
     Returns:
         (protected model directory, registered version).
@@ -79,10 +84,11 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
             from sophon_ray.train.driver import protect_distributed
 
             d = protect_distributed(cfg, source, out, workers=workers, log=log, on_metrics=record, start=start,
-                                    **distributed)
+                                    fed_by=fed_by, **distributed)
         else:
-            d = task.protect(source, out, log=log, on_metrics=record, start=start)
+            d = task.protect(source, out, log=log, on_metrics=record, start=start, fed_by=fed_by)
         run.log_metrics(_final_metrics(d))
+        run.set_tags({"guard_passed": str(bool(json.loads((d / "metrics.json").read_text()).get("guard_passed", True))).lower()})
         run.log_model_dir(d)
         card = read_card(d)
         version = tracking.register_protected(d, model_name or default_model_name(cfg), run.run_id, source=str(source_ref or source),
@@ -114,7 +120,11 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
         if model_name is not None and version is not None:
             targets = sorted(set(targets) | {(model_name, int(version))})
         for name, ver in targets:
-            rec = tracking.record_audit(name, ver, result, run.run_id)
+            try:
+                rec = tracking.record_audit(name, ver, result, run.run_id)
+            except UserError as e:  # e.g. another pipeline's audit of the same weights: not this version's evidence
+                log(f"registry: {name} version {ver}: audit not recorded: {e}")
+                continue
             if rec.get("blocked_by") and not rec["audited"]:
                 log(f"registry: {name} version {ver}: this audit passed and meets the minimum, but earlier failed "
                     f"audit(s) (run {', '.join(r[:12] for r in rec['blocked_by'])}) were stronger in some respect "
@@ -134,8 +144,6 @@ def audit(cfg: PipelineConfig, model: str, out: Path, log: Log, *, model_name: s
 def _samples_metrics(out: Path) -> dict[str, float]:
     """`recognised_<subject>_<before|after>` (the judge metric) and `samples_mse_<subject>` from a
     diffusion audit's samples.json; {} when there is none."""
-    import json
-
     path = out / "samples.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     metrics: dict[str, float] = {}
@@ -155,7 +163,8 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _final_metrics(model_dir: Path) -> dict[str, Any]:
-    import json
-
     m = json.loads((Path(model_dir) / "metrics.json").read_text())
-    return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(m.get("guard_passed"), bool):  # a flag in metrics.json, 1 / 0 as an MLflow metric
+        out["guard_passed"] = float(m["guard_passed"])
+    return out

@@ -65,6 +65,7 @@ class Plan:
     fault: tuple[str, str] | None
     protocol: Any = None  # the suite's tasks.SuiteProtocol (unit, attacker data, metric key)
     standard: dict[str, Any] | None = None  # what a certifying audit is held to: `standard_of`
+    model_facts: dict[str, Any] | None = None  # what the model's card says bears on certifying: `model_facts`
 
 
 def check_budgets(budgets: Any) -> tuple[int, ...]:
@@ -112,21 +113,24 @@ def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
     return (str(text), str(mode))
 
 
-def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int | None, budgets: Any,
-              seeds: int, fault_trial: Any, log: Log, model_ref: str | None = None,
-              standard_cfg: PipelineConfig | None = None) -> Plan:
-    """Validate every input of an audit (no Ray, nothing written) and resolve the subjects.
+def audit_mode(task: tasks.Task, suite: str | None, search: int | None) -> str:
+    """An audit's mode, which names its recipe set with the attack seed: the suite, "search<N>" or
+    "search<N>-<suite>" (a search starting from the suite)."""
+    return (suite or task.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
 
-    Args:
-        cfg: the pipeline config; model: the protected model dir; model_ref: what the user named
-            (an MLflow URI resolved to `model`), recorded as audit.json's model uri.
-        suite, search, budgets, seeds, fault_trial, standard_cfg: as in `run_audit`.
-        log: progress lines.
+
+def check_audit_flags(cfg: PipelineConfig, *, suite: str | None, search: int | None, budgets: Any = None,
+                      seeds: int | None = 1, smoke: bool = False) -> tuple[Any, tuple[int, ...], tuple | None]:
+    """Validate an audit's flags against the pipeline, before any model, Ray or output is touched
+    (`make_plan` calls it; `run` and `harden` call it before their first round). `smoke`: a protocol
+    suite's epoch budgets shrink (`SuiteProtocol.smoke`).
+
     Returns:
-        The validated Plan. Raises UserError on bad input.
+        (the suite's protocol, the budgets, the suite's recipes or None). Raises UserError.
     """
     task = tasks.of(cfg)
     protocol = task.protocol(suite) if search is None or suite is not None else tasks.STEPS_PROTOCOL
+    protocol = protocol.smoke() if smoke else protocol
     if search is not None and protocol != tasks.STEPS_PROTOCOL:
         raise UserError(f"suite {suite!r} is a fixed protocol ({protocol.note or protocol.unit}); it cannot seed a "
                         "--search: run it alone (--suite) or seed the search with another suite")
@@ -144,6 +148,24 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
 
         for r in recipes:
             to_point(r, task.strategies)
+    return protocol, budgets, recipes
+
+
+def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int | None, budgets: Any,
+              seeds: int, fault_trial: Any, log: Log, model_ref: str | None = None,
+              standard_cfg: PipelineConfig | None = None, smoke: bool = False) -> Plan:
+    """Validate every input of an audit (no Ray, nothing written) and resolve the subjects.
+
+    Args:
+        cfg: the pipeline config; model: the protected model dir; model_ref: what the user named
+            (an MLflow URI resolved to `model`), recorded as audit.json's model uri.
+        suite, search, budgets, seeds, fault_trial, standard_cfg, smoke: as in `run_audit`.
+        log: progress lines.
+    Returns:
+        The validated Plan. Raises UserError on bad input.
+    """
+    protocol, budgets, recipes = check_audit_flags(cfg, suite=suite, search=search, budgets=budgets, seeds=seeds,
+                                                   smoke=smoke)
     attack = dataclasses.replace(cfg.attack, budgets=budgets)
     if protocol.attacker_data == "full":  # the suite's own attacker data: the whole restricted training split
         attack = dataclasses.replace(attack, train_per_class=None)
@@ -156,9 +178,10 @@ def make_plan(cfg: PipelineConfig, model: str, *, suite: str | None, search: int
     original = _original(task, card, t, log)
     if original:
         subjects["original"] = original
-    mode = (suite or task.audit_suite) if search is None else f"search{search}" + (f"-{suite}" if suite else "")
+    mode = audit_mode(task, suite, search)
     return Plan(cfg, str(model_ref or model), model_dir, card["sha256"], subjects, mode, recipes, search, seeds,
-                _parse_fault(fault_trial), protocol=protocol, standard=standard_of(cfg, standard_cfg))
+                _parse_fault(fault_trial), protocol=protocol, standard=standard_of(cfg, standard_cfg, card),
+                model_facts=model_facts(card, model_dir))
 
 
 def _start_ray(ray_address: str | None, concurrency: int | None) -> tuple[bool, int]:
@@ -293,24 +316,64 @@ def collect(grid: Any, planner: Any, budgets: tuple[int, ...]) -> list[dict[str,
     return records
 
 
-def standard_of(cfg: PipelineConfig, standard_cfg: PipelineConfig | None) -> dict[str, Any]:
-    """The budget a certifying audit of `cfg` must reach, from the pipeline as written: before
-    `--budgets`, `--set attack.budgets=...` or a rename with `--set name=...`.
+# The per-kind floor of the budget standard, in optimizer steps: whatever a pipeline file says, a
+# certifying audit attacks at least this long (docs/design.md, "Verdicts and the registry rule").
+FLOOR_STEPS = {"classifier": 50, "diffusion": 100}
+
+
+def _budgets_std(source: str, pc: PipelineConfig) -> dict[str, Any]:
+    budgets = [int(b) for b in pc.attack.budgets]
+    return {"source": source, "pipeline": pc.name, "budgets": budgets, "max_budget": max(budgets)}
+
+
+def _same_model(a: PipelineConfig, b: PipelineConfig) -> bool:
+    """Whether two pipelines build the same kind of model on the same data (kind, arch, input,
+    original and restricted domains): a model of one is a model of the other."""
+    return (a.kind, a.arch, a.input, a.original, a.restricted) == (b.kind, b.arch, b.input, b.original, b.restricted)
+
+
+def _card_standards(cfg: PipelineConfig, card: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The standards the model's own card implies: the bundled pipeline it was protected under (by
+    name), and every bundled pipeline that builds the same model on the same data as the audited
+    config (a pipeline file's resolved base: `base: mnist-to-digits` with other budgets is still
+    mnist-to-digits' model)."""
+    from sophon_ray.pipelines import PIPELINES
+
+    out = []
+    for name in PIPELINES:
+        pc = PIPELINES[name].get_config(smoke=False)
+        if pc.kind != cfg.kind or not pc.attack.budgets:
+            continue
+        if (card is not None and card.get("pipeline") == name) or _same_model(pc, cfg):
+            out.append(_budgets_std("card" if card is not None and card.get("pipeline") == name else "bundled-match", pc))
+    return out
+
+
+def standard_of(cfg: PipelineConfig, standard_cfg: PipelineConfig | None,
+                card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The budget a certifying audit of `cfg` must reach: the strictest (largest) of the pipeline as
+    written (before `--budgets`, `--set attack.budgets=...` or a rename with `--set name=...`), the
+    pipeline the model's card was protected under and every bundled pipeline of the same model and
+    data (`_card_standards`), and the kind's floor (`FLOOR_STEPS`).
 
     Args:
         cfg: the audited config (overrides applied).
         standard_cfg: the same pipeline loaded from its name or file with smoke=False and no
             overrides (the CLI passes it), or None.
+        card: the audited model's card (model.json), or None.
     Returns:
-        {"source": "pipeline" (standard_cfg) | "bundled" (no standard_cfg, but `cfg.name` is a
-        bundled pipeline of the same kind: its budgets) | "unknown" (anything else: the audit never
-        certifies), "pipeline", "budgets", "max_budget"[, "reason"]}.
+        {"source": where the deciding budget came from: "pipeline" (standard_cfg) | "bundled" (no
+        standard_cfg, but `cfg.name` is a bundled pipeline of the same kind) | "card" | "bundled-match"
+        | "floor"; "unknown" when the pipeline as written is unknown or of another kind (the audit
+        never certifies), "pipeline", "budgets", "max_budget", "covers" (every pipeline whose
+        standard was taken into account), "floor"[, "reason"]}.
     """
     from sophon_ray.pipelines import PIPELINES
 
     source = "pipeline"
     if standard_cfg is None and cfg.name in PIPELINES:
         standard_cfg, source = PIPELINES[cfg.name].get_config(smoke=False), "bundled"
+    floor = FLOOR_STEPS.get(cfg.kind, max(FLOOR_STEPS.values()))
     if standard_cfg is None:
         why = (f"{cfg.name!r} is not a bundled pipeline and the pipeline as written was not given "
                "(the CLI gives it; from Python pass standard_cfg=sophon_ray.pipeline(NAME_OR_FILE))")
@@ -319,9 +382,34 @@ def standard_of(cfg: PipelineConfig, standard_cfg: PipelineConfig | None) -> dic
     elif not standard_cfg.attack.budgets:
         why = f"pipeline {standard_cfg.name!r} has no attack.budgets"
     else:
-        budgets = [int(b) for b in standard_cfg.attack.budgets]
-        return {"source": source, "pipeline": standard_cfg.name, "budgets": budgets, "max_budget": max(budgets)}
-    return {"source": "unknown", "pipeline": cfg.name, "budgets": None, "max_budget": None, "reason": why}
+        candidates = [_budgets_std(source, standard_cfg), *_card_standards(cfg, card)]
+        best = max(candidates, key=lambda c: c["max_budget"])  # the first (the pipeline as written) on a tie
+        covers = sorted({c["pipeline"] for c in candidates} | {cfg.name} | ({str(card["pipeline"])} if card and card.get("pipeline") else set()))
+        if best["max_budget"] < floor:
+            best = {"source": "floor", "pipeline": best["pipeline"], "budgets": [floor], "max_budget": floor}
+        return {**best, "covers": covers, "floor": floor}
+    return {"source": "unknown", "pipeline": cfg.name, "budgets": None, "max_budget": None, "covers": [cfg.name],
+            "floor": floor, "reason": why}
+
+
+def model_facts(card: dict[str, Any], model_dir: str | Path) -> dict[str, Any]:
+    """What the audited model's own files say that bears on certifying it:
+    "guard_passed" (metrics.json / the card; None for a model without a guard, e.g. a source) and
+    "trained_against" (the card's `lineage.fed_by`: the audit suite and attack seed whose strongest
+    recipes a hardening round trained on; None when it trained on none)."""
+    lineage = card.get("lineage") or {}
+    guard = lineage.get("guard") or {}
+    passed = guard.get("passed")
+    if passed is None:
+        try:
+            passed = json.loads((Path(model_dir) / "metrics.json").read_text()).get("guard_passed")
+        except (OSError, ValueError):
+            passed = None
+    return {"guard_passed": passed, "trained_against": lineage.get("fed_by")}
+
+
+def _feed_key(mode: Any, attack_seed: Any) -> tuple[str, int]:
+    return str(mode), int(attack_seed or 0)
 
 
 _TRIAL_ID = re.compile(r"-r(\d+)-s(\d+)$")  # space.trial_id: "<subject>-r<recipe index>-s<seed>"
@@ -348,31 +436,51 @@ def ran(trials: list[dict[str, Any]]) -> dict[str, int]:
     return {"recipes": len({i for i, _ in planned}), "reruns": len(rerun), "seeds": seeds}
 
 
+def measured(trials: list[dict[str, Any]], budgets: list[int], unit: str, attacker_data: str | None) -> dict[str, Any]:
+    """Strength in units that compare across protocols: "max_steps", the largest budget in optimizer
+    steps (the trials' `step_budgets`; the budgets themselves where they are steps and no trial says),
+    and "attacker_images" (the attacker's restricted images per class; None = the whole split)."""
+    steps = [int(x) for t in trials for x in (t.get("step_budgets") or ())]
+    if not steps and unit == "steps":
+        steps = [int(b) for b in budgets]
+    data = str(attacker_data or "")
+    images = None if not data or data.startswith("full") else int(data.split()[0]) if data.split()[0].isdigit() else None
+    return {"max_steps": max(steps) if steps else None, "attacker_images": images}
+
+
 def strength(plan: Plan, trials: list[dict[str, Any]], total: int, epsilon: float, min_gap: float, smoke: bool,
              n_explore: int | None = None) -> dict[str, Any]:
     """What this audit ran (audit.json "strength") and the standard it is held to for certifying.
 
     Recipes and seeds come from the trial records (`ran`), not from what was asked: an audit whose
     re-runs did not happen (top_k=0, or none planned) records 1 seed whatever --seeds said
-    (`seeds_requested`). The standard: the pipeline's own largest budget as written
-    (`plan.standard`, see `standard_of`), the kind's default epsilon and min_gap, and MINIMUM.
+    (`seeds_requested`). The largest budget in optimizer steps and the attacker's images per class
+    (`measured`) compare across protocols. The standard: the strictest largest budget of the pipeline
+    as written, the model's card and the kind's floor (`plan.standard`, see `standard_of`), the kind's
+    default epsilon and min_gap, and MINIMUM. What the model's files say (`model_facts`: the guard,
+    the recipes a hardening round trained on) is recorded beside it, with this audit's feed key.
     """
     task = tasks.of(plan.cfg)
     std = plan.standard if plan.standard is not None else standard_of(plan.cfg, None)
     counted = ran(trials)
     protocol = plan.protocol or tasks.STEPS_PROTOCOL
+    budgets = list(plan.cfg.attack.budgets)
     return {"mode": plan.mode, "recipes": counted["recipes"], "recipes_planned": n_explore, "trials": total,
             "reruns": counted["reruns"], "seeds": counted["seeds"], "seeds_requested": plan.seeds,
-            "budgets": list(plan.cfg.attack.budgets), "unit": protocol.unit, "suite_certifies": protocol.certifies,
-            "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke), "subjects": sorted(plan.subjects),
+            "budgets": budgets, "unit": protocol.unit, "suite_certifies": protocol.certifies,
+            **measured(trials, budgets, protocol.unit, protocol_record(plan)["attacker_data"]),
+            "attack_seed": int(plan.cfg.attack.seed), "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke),
+            "subjects": sorted(plan.subjects), "model": dict(plan.model_facts or {}),
             "standard": {**std, "epsilon": task.epsilon, "min_gap": task.min_gap, **MINIMUM}}
 
 
 def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     """Whether an audit may certify the model (alias `audited`), and why not: status passed, and at
     least the recorded minimum (not smoke, MINIMUM recipes and seeds, the largest budget of the
-    pipeline as written, which must be known, epsilon and min_gap no laxer than the kind's defaults)."""
-    std, problems = s["standard"], []
+    standard (`standard_of`), which must be known, epsilon and min_gap no laxer than the kind's
+    defaults), on a model whose guard passed and that did not train on this audit's recipes (a
+    hardening round's feedback from the same suite and attack seed)."""
+    std, problems, model = s["standard"], [], s.get("model") or {}
     if verdict.get("status") != "passed":
         problems.append(f"status {verdict.get('status')}, not passed")
     if s["smoke"]:
@@ -388,12 +496,46 @@ def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     elif s.get("unit", "steps") != "steps":
         problems.append(f"budgets in {s['unit']}, the pipeline's in steps")
     elif max(s["budgets"]) < std["max_budget"]:
-        problems.append(f"largest budget {max(s['budgets'])} < the pipeline's {std['max_budget']}")
+        problems.append(f"largest budget {max(s['budgets'])} < the standard's {std['max_budget']} "
+                        f"({std.get('source')} {std.get('pipeline')})")
     if s["epsilon"] > std["epsilon"]:
         problems.append(f"epsilon {s['epsilon']:g} > {std['epsilon']:g}")
     if s["min_gap"] < std["min_gap"]:
         problems.append(f"min_gap {s['min_gap']:g} < {std['min_gap']:g}")
+    if model.get("guard_passed") is False:
+        problems.append("the protection's guard never passed (original-domain metric below the source's)")
+    fed = model.get("trained_against")
+    if fed and _feed_key(fed.get("mode"), fed.get("attack_seed")) == _feed_key(s.get("mode"), s.get("attack_seed")):
+        problems.append(f"the model trained on this suite's recipes ({fed.get('mode')}, attack seed "
+                        f"{fed.get('attack_seed')}: hardening feedback); audit with another suite or --set attack.seed=N")
     return {"certifies": not problems, "problems": problems}
+
+
+def recheck(audit: dict[str, Any]) -> dict[str, Any]:
+    """An audit.json dict's verdict, strength counts and certification recomputed from its own trial
+    records (what the registry trusts: not the dict's `certification.certifies`). The standard, the
+    protocol and the model facts are taken as recorded; the verdict's epsilon and min_gap too.
+
+    Returns:
+        {"verdict", "strength", "certification"}; a dict too old or malformed to recompute never certifies.
+    """
+    from sophon_ray.audit.verdict import verdict, worst_case
+
+    try:
+        metric = tasks.metric_named(audit["metric"])
+        trials = list(audit.get("trials") or [])
+        s, old = dict(audit["strength"]), audit["verdict"]
+        failed = sum(t.get("status") != "ok" for t in trials) + max(0, int(s.get("trials") or 0) - len(trials))
+        v = verdict(worst_case(trials, metric), float(old["epsilon"]), metric, failed_trials=failed,
+                    min_gap=float(old["min_gap"]))
+        s.update(ran(trials))
+        s.update(measured(trials, list(audit["budgets"]), s.get("unit", "steps"),
+                          (audit.get("protocol") or {}).get("attacker_data")))
+        return {"verdict": v, "strength": s, "certification": certification(v, s)}
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"the audit dict cannot be re-checked ({type(e).__name__}: {e})"
+        return {"verdict": audit.get("verdict") or {}, "strength": audit.get("strength") or {},
+                "certification": {"certifies": False, "problems": [why]}}
 
 
 def assemble(plan: Plan, trials: list[dict[str, Any]], expected: int, epsilon: float, min_gap: float | None,
@@ -443,17 +585,15 @@ def check_thresholds(cfg: PipelineConfig, epsilon: float | None, min_gap: float 
 
 def _summary(audit: dict[str, Any], planner: Any, out: Path, wall: float, log: Log) -> None:
     """The closing lines: worst-case table, top protected recipes, verdict."""
-    from sophon_ray.audit.verdict import table
+    from sophon_ray.audit.verdict import audit_detail_table, audit_table
 
     v, metric = audit["verdict"], tasks.metric_named(audit["metric"])
     log(f"\nBest ({metric.superlative}) restricted test {metric.name} an attacker reached ({planner.n_explore} recipes + "
         f"re-runs, {wall:.0f}s):")
-    log(table(audit["worst_case"], tuple(audit["budgets"]), metric.digits, v))
+    log(audit_table(audit))  # budgets in the audit's unit (epochs: with their optimizer steps)
     if audit.get("worst_case_detail"):
-        from sophon_ray.audit.verdict import detail_table
-
         log("\nper timestep bucket (t1 = t 1 only, the paper's protocol; low/mid/high = thirds of the schedule):")
-        log(detail_table(audit["worst_case_detail"], tuple(audit["budgets"]), metric.digits))
+        log(audit_detail_table(audit))
     for index, value in planner.ranking("protected")[:3]:
         log(f"  top protected recipe r{index:02d} score {value:.4g} (mean over budgets): "
             f"{recipe_label(planner.recipes[index])}")
@@ -492,7 +632,8 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
             `Task.audit_extras`; False writes a note instead); judge_dir: where the judge is cached
             (default `<out>/judge`).
         min_gap: the control power a `passed` verdict needs (default: attack.min_gap, else the
-            kind's); smoke: the config is a --smoke one (recorded; such an audit never certifies).
+            kind's); smoke: the config is a --smoke one (recorded; such an audit never certifies;
+            a protocol suite's epoch budgets shrink to `tasks.base.SMOKE_EPOCHS`).
         standard_cfg: the pipeline as written (not smoke, no overrides), whose largest budget a
             certifying audit must reach (see `standard_of`; None: a bundled name's own, else none).
     Returns:
@@ -503,9 +644,11 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
     check_thresholds(cfg, epsilon, min_gap)
     guard(out, "audit")  # never write into a user's folder (the CLI claimed it, with --force or not)
     plan = make_plan(cfg, model, suite=suite, search=search, budgets=budgets, seeds=seeds,
-                     fault_trial=fault_trial, log=log, model_ref=model_ref, standard_cfg=standard_cfg)
+                     fault_trial=fault_trial, log=log, model_ref=model_ref, standard_cfg=standard_cfg, smoke=smoke)
     task = tasks.of(plan.cfg)
     epsilon = task.epsilon if epsilon is None else epsilon
+    if smoke and (plan.protocol or tasks.STEPS_PROTOCOL).unit != "steps":
+        top_k = 0  # a smoke run of a protocol suite (1-2 epochs): each recipe once, as `run --paper` does
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     import ray
@@ -524,7 +667,8 @@ def run_audit(cfg, model, *, out, suite=None, search=None, budgets=None, concurr
         planner = AuditPlanner(subjects, recipes=None if inner is not None else plan.recipes, inner=inner,
                                n_search=search or 0, seeds=seeds, top_k=top_k, metric=task.metric, fault=fault)
         log(f"audit {plan.cfg.name} {plan.mode}: {planner.n_explore} recipes x {len(subjects)} subjects "
-            f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)}, concurrency {concurrency}")
+            f"({', '.join(subjects)}), budgets {list(plan.cfg.attack.budgets)} {(plan.protocol or tasks.STEPS_PROTOCOL).unit}, "
+            f"concurrency {concurrency}")
         start = time.perf_counter()
         grid = _tune(plan, planner, out, concurrency, list(callbacks or []), log, cpus_per_trial, gpus_per_trial)
         audit = assemble(plan, collect(grid, planner, plan.cfg.attack.budgets), planner.total, epsilon, min_gap,

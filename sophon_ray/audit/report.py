@@ -21,13 +21,15 @@ import string
 from pathlib import Path
 from typing import Any
 
+from sophon_ray.audit.verdict import budgets_line, step_equivalents, steps_text, unit_of
 from sophon_ray.config import Recipe, recipe_label
 from sophon_ray.tasks.base import ACCURACY, Metric, metric_named
 
 COLORS = {"protected": "tab:red", "scratch": "tab:gray", "original": "tab:blue"}
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,16 +82,17 @@ def per_recipe(audit: dict[str, Any], seed: int = 0, stat: str = "best") -> dict
     return out
 
 
-def _save(fig: Any, path: Path) -> str:
+def save_figure(fig: Any, path: Path) -> str:
+    """Save a figure as a PNG at `path` and close it; returns the file name."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
 def plot_curves(audit: dict[str, Any], path: Path) -> str:
     """Worst-case curves per subject over the budgets; returns the file name."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = audit["budgets"]
     for subject, curve in audit["worst_case"].items():
@@ -97,17 +100,19 @@ def plot_curves(audit: dict[str, Any], path: Path) -> str:
                 color=COLORS.get(subject))
     ax.set_xscale("log")
     ax.minorticks_off()
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set(xlabel="fine-tuning steps (budget)", ylabel=f"best restricted test {audit['metric']}",
+    unit, steps = unit_of(audit), step_equivalents(audit)
+    ax.set_xticks(budgets, [str(b) + (f"\n{steps_text(steps[str(b)], '≈')}" if str(b) in steps else "") for b in budgets])
+    xlabel = f"fine-tuning budget ({unit}" + ("; ≈ optimizer steps below each" if steps else "") + ")"
+    ax.set(xlabel=xlabel, ylabel=f"best restricted test {audit['metric']}",
            title=f"Best attack over all recipes and seeds\n({_metric(audit).direction} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scatter(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, Any] | None = None) -> str:
     """Per recipe, protected best vs scratch best, marker by strategy; returns the file name."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     markers = {"direct-all": "o", "direct-FC": "s", "initFC-all": "^", "initFC-FC": "D", "renorm-all": "P",
                "bnrecal-all": "X", "all": "o", "up": "^", "down": "v"}
@@ -130,7 +135,7 @@ def plot_scatter(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, A
     ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"scratch: best {metric}", ylabel=f"protected: best {metric}",
            title=f"Per recipe (seed 0; {direction} = better for the attacker)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, Any] | None = None) -> str:
@@ -138,7 +143,7 @@ def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, An
 
     `rows` are `per_recipe(audit, stat="score")`: the search optimises the mean over budgets, and
     the best value at any budget ties most recipes at the ceiling (flat on digits)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     m = _metric(audit)
     for subject in ("protected", "scratch"):
@@ -154,7 +159,7 @@ def plot_search(rows: dict[str, dict[str, Any]], path: Path, audit: dict[str, An
            title=f"Adversarial search progress\n({m.direction} = better for the attacker)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def original_accuracy(model_dir: str | None, source_dir: str | None, metric: str = "accuracy") -> dict[str, float]:
@@ -192,7 +197,7 @@ def environment_line(model_dir: str | None) -> str:
 
 def plot_original(acc: dict[str, float], path: Path, metric: Metric = ACCURACY) -> str:
     """Bar of the original-domain test metric, source vs protected; returns the file name."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     names = [k for k in ("source", "protected") if k in acc]
     bars = ax.bar(names, [acc[k] for k in names], color=[COLORS["original"], COLORS["protected"]][: len(names)])
@@ -200,7 +205,7 @@ def plot_original(acc: dict[str, float], path: Path, metric: Metric = ACCURACY) 
     top = 1.05 * metric.ceiling if metric.ceiling is not None else 1.15 * max(acc.values(), default=1.0)
     ax.set(ylim=(0, top), ylabel=f"original-domain test {metric.name} ({metric.direction} = better)",
            title="Original task kept?")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt(audit: dict[str, Any], v: float | None) -> str:
@@ -209,11 +214,19 @@ def _fmt(audit: dict[str, Any], v: float | None) -> str:
     return _metric(audit).fmt(v)
 
 
+def _budget_head(audit: dict[str, Any]) -> str:
+    """The budget cells of a table's header row: the budget, and under an epoch budget the
+    optimizer steps it meant (from the trials' `step_budgets`)."""
+    steps = step_equivalents(audit)
+    return "".join(f"<th>{b}" + (f"<br><small>{steps_text(steps[str(b)], '≈')} steps</small>" if str(b) in steps else "")
+                   + "</th>" for b in audit["budgets"])
+
+
 def _table_html(audit: dict[str, Any]) -> str:
-    """Worst case per subject and budget, then the control rows: gap (source - scratch), residual
-    (protected - scratch), removed (1 - residual / gap)."""
+    """Worst case per subject and budget (in the audit's unit), then the control rows: gap (source -
+    scratch), residual (protected - scratch), removed (1 - residual / gap)."""
     budgets = audit["budgets"]
-    head = "".join(f"<th>{b}</th>" for b in budgets)
+    head = _budget_head(audit)
     rows = "".join(
         f"<tr><td>{s}</td>" + "".join(f"<td>{_fmt(audit, c.get(str(b)))}</td>" for b in budgets) + "</tr>"
         for s, c in audit["worst_case"].items())
@@ -227,7 +240,7 @@ def _table_html(audit: dict[str, Any]) -> str:
         if values is not None:
             rows += (f"<tr><td><i>{name}</i></td>" + "".join(f"<td><i>{fmt(values.get(str(b)))}</i></td>" for b in budgets)
                      + "</tr>")
-    return f"<table><tr><th>subject \\ steps</th>{head}</tr>{rows}</table>"
+    return f"<table><tr><th>subject \\ {html.escape(unit_of(audit))}</th>{head}</tr>{rows}</table>"
 
 
 def _detail_html(audit: dict[str, Any]) -> str:
@@ -236,13 +249,13 @@ def _detail_html(audit: dict[str, Any]) -> str:
     if not detail:
         return ""
     budgets = audit["budgets"]
-    head = "".join(f"<th>{b}</th>" for b in budgets)
+    head = _budget_head(audit)
     rows = "".join(
         f"<tr><td>{s} {html.escape(part)}</td>" + "".join(f"<td>{_fmt(audit, c.get(str(b)))}</td>" for b in budgets) + "</tr>"
         for s in ("original", "scratch", "protected") for part, c in (detail.get(s) or {}).items() if part != "overall")
     return ("<h2>Per timestep bucket</h2><p>t1 = timestep 1 only (the reference code's protocol); low / mid / high = "
             "the evaluation grid's timesteps in each third of the schedule; each cell is the best any attack reached "
-            f"on that bucket.</p><table><tr><th>subject bucket \\ steps</th>{head}</tr>{rows}</table>")
+            f"on that bucket.</p><table><tr><th>subject bucket \\ {html.escape(unit_of(audit))}</th>{head}</tr>{rows}</table>")
 
 
 def _certification_html(audit: dict[str, Any]) -> str:
@@ -264,6 +277,12 @@ def _top_html(audit: dict[str, Any], rows: dict[str, dict[str, Any]], k: int = 1
     return f"<table><tr><th>recipe</th><th>protected</th><th>scratch</th><th>original</th></tr>{body}</table>"
 
 
+def _samples_budget(info: dict[str, Any]) -> str:
+    """` (the audit's 20 epochs)` where samples.json records the audit budget its steps stand for."""
+    budget = info.get("budget")
+    return f" ({html.escape(str(budget))})" if budget else ""
+
+
 def _samples_html(path: Path) -> str:
     """The samples section from a samples.json (diffusion), or "" when there is none."""
     if not path.is_file():
@@ -274,7 +293,7 @@ def _samples_html(path: Path) -> str:
     judge = info.get("judge")
     label = recipe_label(Recipe(**info["recipe"]))
     head = (f"<h2>Samples before and after the strongest attack</h2><p>recipe {html.escape(label)}, "
-            f"{info['steps']} steps, {info['samples']} samples ({info['sample_steps']} DDPM steps) per grid. ")
+            f"{info['steps']} steps{_samples_budget(info)}, {info['samples']} samples ({info['sample_steps']} DDPM steps) per grid. ")
     if judge:
         acc = "n/a" if judge.get("test_accuracy") is None else f"{judge['test_accuracy']:.3f}"
         conf, noise = judge.get("confidence") or 0.0, judge.get("on_noise") or {}
@@ -327,7 +346,7 @@ def write_report(audit: dict[str, Any], out: str | Path, *, search: bool = False
     body = (
         f"<h1>Audit of {html.escape(audit['model']['uri'])}</h1>"
         f"<p>pipeline <b>{html.escape(audit['pipeline'])}</b>, sha256 <code>{audit['model']['sha256'][:16]}</code>, "
-        f"{len(audit['trials'])} trials, budgets {audit['budgets']}</p>"
+        f"{len(audit['trials'])} trials, budgets {html.escape(budgets_line(audit, '≈'))}</p>"
         f"{f'<p><small>{html.escape(made)}</small></p>' if made else ''}"
         f"<h2>Verdict: {html.escape(str(v.get('status') or ('passed' if v['passed'] else 'failed')).upper())}</h2>"
         f"<p>{html.escape(v.get('reason', ''))}</p><p>margin {margin} vs epsilon {v['epsilon']}; control gap "

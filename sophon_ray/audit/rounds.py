@@ -1,10 +1,10 @@
 """What the hardening loop reads from its audits: the attacks to feed back, removed per round.
 
-- `winners(audit, top)`: the strongest attacks on the protected model. A budget counts where the
-  protected model's residual (its advantage over scratch) exceeds the verdict's epsilon, largest
-  residual first (none exceeds it: the one budget with the largest residual); at each, the ok
-  protected trial that reached the worst case there (the first in plan order on a tie). At most
-  `top`, one per (recipe, budget). The budget is where the recipe "won": its horizon.
+- `winners(audit, top)`: the `top` strongest distinct recipes on the protected model, over every
+  (trial, budget) pair at the budgets that count (the protected model's residual over scratch
+  exceeds the verdict's epsilon; none does: the one with the largest residual), each scored by the
+  trial's advantage over scratch's worst case at that budget; a recipe counts once, at its
+  strongest budget, which is its horizon.
 - `feedback(audit, task, protocol, top)`: those attacks as `config.EnvRecipe`s
   (`core.feedback.env_recipe`): horizon K = the winning budget in optimizer steps (the trial's
   `step_budgets` where a suite counts epochs), the schedule over the attack's own length (its
@@ -28,36 +28,40 @@ def _budget_index(audit: dict[str, Any], budget: str) -> int:
 
 
 def winners(audit: dict[str, Any], top: int) -> list[dict[str, Any]]:
-    """The strongest attacks on the protected model (module docstring), strongest first.
+    """The `top` strongest distinct recipes against the protected model (module docstring),
+    strongest first.
+
+    Every (ok protected trial, budget) pair is a candidate at the budgets that count (the protected
+    model's residual over scratch exceeds the verdict's epsilon; none does: the one budget with the
+    largest residual), scored by the trial's own advantage over scratch's worst case there (over
+    0 where scratch has none); ties go to the earlier budget, then plan order. A recipe counts once,
+    at its strongest pair: that budget is its horizon.
 
     Args:
         audit: an audit.json dict; top: at most this many.
     Returns:
         [{"budget": int (the suite's unit), "steps": K (optimizer steps), "total": the attack's
         length in optimizer steps, "recipe": {...}, "trial": id, "value": the metric reached,
-        "residual": the protected model's advantage over scratch at that budget}].
+        "residual": the protected model's advantage over scratch at that budget, "score"}].
     """
     metric: Metric = metric_named(audit["metric"])
     v = audit.get("verdict") or {}
     residual = {str(b): r for b, r in (v.get("residual") or {}).items() if r is not None}
-    worst = (audit.get("worst_case") or {}).get("protected") or {}
+    scratch = (audit.get("worst_case") or {}).get("scratch") or {}
     ranked = sorted(residual, key=lambda b: (-residual[b], _budget_index(audit, b)))
     chosen = [b for b in ranked if residual[b] > float(v.get("epsilon") or 0.0)] or ranked[:1]
+    pairs = [(metric.advantage(t["curve"][b], scratch.get(b, 0.0)), _budget_index(audit, b), n, t, b)
+             for n, t in enumerate(audit["trials"]) if t["subject"] == "protected" and t["status"] == "ok"
+             for b in chosen if t["curve"].get(b) is not None]
     out, seen = [], set()
-    for b in chosen:
-        trial = next((t for t in audit["trials"] if t["subject"] == "protected" and t["status"] == "ok"
-                      and t["curve"].get(b) is not None and worst.get(b) is not None
-                      and metric.advantage(t["curve"][b], worst[b]) >= 0), None)
-        if trial is None:
-            continue
-        i = _budget_index(audit, b)
-        steps = trial.get("step_budgets") or audit["budgets"]
-        key = (json.dumps(trial["recipe"], sort_keys=True), b)
+    for score, i, _, trial, b in sorted(pairs, key=lambda p: (-p[0], p[1], p[2])):
+        key = json.dumps(trial["recipe"], sort_keys=True)
         if key in seen:
             continue
         seen.add(key)
+        steps = trial.get("step_budgets") or audit["budgets"]
         out.append({"budget": int(b), "steps": int(steps[i]), "total": int(steps[-1]), "recipe": trial["recipe"],
-                    "trial": trial["id"], "value": trial["curve"][b], "residual": residual[b]})
+                    "trial": trial["id"], "value": trial["curve"][b], "residual": residual[b], "score": score})
         if len(out) >= top:
             break
     return out
@@ -110,9 +114,9 @@ def removed_table(rounds: list[dict[str, Any]], budgets: list[int]) -> str:
 def plot_removed(rounds: list[dict[str, Any]], budgets: list[int], path: Path) -> str:
     """removed (share of the source's advantage over scratch the protection took away) per budget
     per round, one line per budget; returns the file name."""
-    from sophon_ray.audit.report import _plt, _save
+    from sophon_ray.audit.report import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["round"] for r in rounds]
     for b in budgets:
@@ -125,4 +129,4 @@ def plot_removed(rounds: list[dict[str, Any]], budgets: list[int], path: Path) -
            title="Share of the source's advantage over scratch removed,\nper attack budget and round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sophon_ray.tasks.base import ACCURACY, Metric, metric_named
+from sophon_ray.tasks.base import ACCURACY, Metric, budget_label, metric_named, steps_text, unit_of  # noqa: F401
 
 STATUSES = ("passed", "inconclusive", "failed")
 
@@ -111,42 +111,106 @@ def headline(v: dict[str, Any]) -> str:
     return line if status == "passed" else f"{line}: {v.get('reason', '')}"
 
 
+def step_equivalents(audit: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per budget ("20"), the fewest and most optimizer steps it meant, over the trials that record
+    `step_budgets`; empty where the budgets are steps already. An epoch is floor(images / batch size)
+    steps, so a suite that mixes batch sizes (paper-v1: 200 and 64) gives a range."""
+    if unit_of(audit) == "steps":
+        return {}
+    budgets = [str(b) for b in audit.get("budgets") or ()]
+    out: dict[str, tuple[int, int]] = {}
+    for t in audit.get("trials") or ():
+        steps = t.get("step_budgets")
+        if not steps or len(steps) != len(budgets):
+            continue
+        for b, n in zip(budgets, steps):
+            lo, hi = out.get(b, (int(n), int(n)))
+            out[b] = (min(lo, int(n)), max(hi, int(n)))
+    return out
+
+
+def budgets_line(audit: dict[str, Any], approx: str = "~") -> str:
+    """The audit's budgets in one phrase: `10, 25, 50 steps` or `5, 10, 20 epochs (~110, ~220, ~440 steps)`."""
+    budgets, unit, steps = [str(b) for b in audit.get("budgets") or ()], unit_of(audit), step_equivalents(audit)
+    extra = ", ".join(steps_text(steps.get(b), approx) or "?" for b in budgets) if steps else ""
+    return f"{', '.join(budgets)} {unit}" + (f" ({extra} steps)" if extra else "")
+
+
+def _head(first: str, budgets: tuple[int, ...], w: int, steps: dict[str, tuple[int, int]] | None) -> list[str]:
+    """The header line(s) of a plain-text table over budgets: `<first> \\ <unit>` and the budgets;
+    a second line with each budget's optimizer steps where `steps` knows them."""
+    rows = [first + "".join(f"{b:>{w}}" for b in budgets)]
+    if steps:
+        rows.append(f"{'(steps)':{len(first)}s}" + "".join(f"{steps_text(steps.get(str(b))) or '?':>{w}}" for b in budgets))
+    return rows
+
+
+def _width(digits: int, budgets: tuple[int, ...], steps: dict[str, tuple[int, int]] | None) -> int:
+    return max(8, digits + 5, *(len(steps_text((steps or {}).get(str(b)))) + 2 for b in budgets))
+
+
 def table(worst: dict[str, dict[str, float]], budgets: tuple[int, ...], digits: int = 3,
-          verdict: dict[str, Any] | None = None) -> str:
-    """A plain-text table: rows = subjects, columns = step budgets (best attacker value, `digits`
-    decimals); with a verdict, the control rows below: `gap` (source - scratch, in the attacker's
-    direction), `residual` (protected - scratch) and `removed` (1 - residual / gap)."""
-    w = max(8, digits + 5)
-    head = f"{'subject':10s}" + "".join(f"{b:>{w}d}" for b in budgets)
-    rows = [head, "-" * len(head)]
+          verdict: dict[str, Any] | None = None, *, unit: str = "steps",
+          steps: dict[str, tuple[int, int]] | None = None) -> str:
+    """A plain-text table: rows = subjects, columns = budgets in `unit` (best attacker value, `digits`
+    decimals; `steps`: each budget's optimizer steps, from `step_equivalents`, shown under an epoch
+    budget); with a verdict, the control rows below: `gap` (source - scratch, in the attacker's
+    direction), `residual` (protected - scratch) and `removed` (1 - residual / gap). `audit_table`
+    takes all of it from an audit.json dict."""
+    w = _width(digits, budgets, steps)
+    first = f"subject \\ {unit}"
+    first = f"{first:{max(10, len(first) + 1)}s}"
+    head = _head(first, budgets, w, steps)
+    rows = [*head, "-" * len(head[0])]
 
     def row(name: str, values: dict[str, Any], fmt: str) -> str:
         cells = ("-".rjust(w) if values.get(str(b)) is None else format(values[str(b)], fmt).rjust(w) for b in budgets)
-        return f"{name:10s}" + "".join(cells)
+        return f"{name:{len(first)}s}" + "".join(cells)
 
     for subject in ("original", "scratch", "protected"):
         if subject in worst:
             rows.append(row(subject, worst[subject], f".{digits}f"))
     if verdict is not None and verdict.get("gap") is not None:
-        rows.append("-" * len(head))
+        rows.append("-" * len(head[0]))
         rows.append(row("gap", verdict.get("gap") or {}, f"+.{digits}f"))
         rows.append(row("residual", verdict.get("residual") or {}, f"+.{digits}f"))
         rows.append(row("removed", verdict.get("removed") or {}, ".0%"))
     return "\n".join(rows)
 
 
-def detail_table(detail: dict[str, dict[str, dict[str, float]]], budgets: tuple[int, ...], digits: int = 3) -> str:
-    """`worst_case_detail` as plain text: one row per subject and part (e.g. "protected t1")."""
-    w = max(8, digits + 5)
-    head = f"{'subject':18s}" + "".join(f"{b:>{w}d}" for b in budgets)
-    rows = [head, "-" * len(head)]
+def audit_table(audit: dict[str, Any], digits: int | None = None) -> str:
+    """`table` of an audit.json dict: its worst case, budgets in its unit (with their optimizer steps
+    where the unit is epochs) and verdict; `digits` default: the metric's."""
+    digits = metric_named(audit.get("metric", ACCURACY.name)).digits if digits is None else digits
+    return table(audit["worst_case"], tuple(audit["budgets"]), digits, audit.get("verdict"),
+                 unit=unit_of(audit), steps=step_equivalents(audit))
+
+
+def detail_table(detail: dict[str, dict[str, dict[str, float]]], budgets: tuple[int, ...], digits: int = 3,
+                 *, unit: str = "steps", steps: dict[str, tuple[int, int]] | None = None) -> str:
+    """`worst_case_detail` as plain text: one row per subject and part (e.g. "protected t1"); budgets
+    in `unit` as in `table` (`audit_detail_table` takes them from an audit.json dict)."""
+    w = _width(digits, budgets, steps)
+    first = f"subject \\ {unit}"
+    first = f"{first:{max(18, len(first) + 1)}s}"
+    head = _head(first, budgets, w, steps)
+    rows = [*head, "-" * len(head[0])]
     for subject in ("original", "scratch", "protected"):
         for part, values in (detail.get(subject) or {}).items():
             if part == "overall":
                 continue
             cells = ("-".rjust(w) if values.get(str(b)) is None else f"{values[str(b)]:.{digits}f}".rjust(w) for b in budgets)
-            rows.append(f"{subject + ' ' + part:18s}" + "".join(cells))
+            rows.append(f"{subject + ' ' + part:{len(first)}s}" + "".join(cells))
     return "\n".join(rows)
+
+
+def audit_detail_table(audit: dict[str, Any], digits: int | None = None) -> str:
+    """`detail_table` of an audit.json dict's `worst_case_detail` ("" where it has none)."""
+    if not audit.get("worst_case_detail"):
+        return ""
+    digits = metric_named(audit.get("metric", ACCURACY.name)).digits if digits is None else digits
+    return detail_table(audit["worst_case_detail"], tuple(audit["budgets"]), digits, unit=unit_of(audit),
+                        steps=step_equivalents(audit))
 
 
 def _at_budget(v: dict[str, Any], b: str) -> str:
@@ -167,7 +231,10 @@ def side_by_side(audits: list[tuple[str, dict[str, Any]]], digits: int = 3) -> s
     the share of it the protection removed and what that budget shows (`_at_budget`); then one
     status line per audit. `audits`: (label, audit.json dict) pairs, e.g. the full audit and paper-v1."""
     w = max(8, digits + 5)
-    head = f"{'audit':12s}{'budget':>11s}{'scratch':>{w}s}{'source':>{w}s}{'protected':>{w + 2}s}{'gap':>{w}s}{'removed':>{w}s}  at this budget"
+    labels = {id(audit): {str(b): budget_label(b, unit_of(audit), step_equivalents(audit)) for b in audit["budgets"]}
+              for _, audit in audits}  # "25 steps", "1 epoch", "20 epochs (~440 steps)"
+    bw = max([11] + [len(at) + 2 for by in labels.values() for at in by.values()])
+    head = f"{'audit':12s}{'budget':>{bw}s}{'scratch':>{w}s}{'source':>{w}s}{'protected':>{w + 2}s}{'gap':>{w}s}{'removed':>{w}s}  at this budget"
     rows = [head, "-" * len(head)]
 
     def cell(value: Any, fmt: str, width: int = w) -> str:
@@ -175,10 +242,9 @@ def side_by_side(audits: list[tuple[str, dict[str, Any]]], digits: int = 3) -> s
 
     for label, audit in audits:
         v, worst = audit["verdict"], audit["worst_case"]
-        unit = (audit.get("protocol") or {}).get("unit", "steps")
         for i, b in enumerate(str(b) for b in audit["budgets"]):
-            at = f"{b} {unit[:-1] if b == '1' else unit}"  # "1 epoch", "5 epochs"
-            rows.append(f"{label if i == 0 else '':12s}{at:>11s}"
+            at = labels[id(audit)][b]
+            rows.append(f"{label if i == 0 else '':12s}{at:>{bw}s}"
                         + cell(worst.get("scratch", {}).get(b), f".{digits}f") + cell(worst.get("original", {}).get(b), f".{digits}f")
                         + cell(worst.get("protected", {}).get(b), f".{digits}f", w + 2)
                         + cell((v.get("gap") or {}).get(b), f"+.{digits}f") + cell((v.get("removed") or {}).get(b), ".0%")
@@ -209,8 +275,8 @@ def meaning(audit: dict[str, Any], label: str = "the audit") -> str:
     if status == "passed":
         return (f"{label} PASSED: no attack in it got more than epsilon {eps:g} out of the protected model beyond "
                 f"training from scratch (largest advantage {margin:+.3f}), while {power}. The protection holds "
-                f"against these {len({str(t['recipe']) for t in trials})} recipes at these budgets; attacks it did not "
-                "try are not covered.")
+                f"against these {len({str(t['recipe']) for t in trials})} recipes at these budgets ({budgets_line(audit)}); "
+                "attacks it did not try are not covered.")
     if status == "inconclusive":
         why = ("the unprotected source was not attacked, so the benchmark's power is unknown" if control is None else
                f"so is the unprotected source (gap {control:+.3f} < min_gap {v.get('min_gap')}): this benchmark cannot "
@@ -227,9 +293,9 @@ def meaning(audit: dict[str, Any], label: str = "the audit") -> str:
 
         top = max(best, key=lambda t: sign * t["curve"][budget])["recipe"]
         strongest = f" (strongest: {recipe_label(Recipe(**top)) if isinstance(top, dict) else top})"
-    unit = (audit.get("protocol") or {}).get("unit", "steps")
+    at = budget_label(budget, unit_of(audit), step_equivalents(audit))
     tail = (f"; {power}, so this is a real failure" if control is not None and control >= v.get("min_gap", 0.0)
             else "; the unprotected source is worth less than min_gap here, so the benchmark is weak too")
     return (f"{label} FAILED: fine-tuning the protected model gets an attacker {margin:+.3f} over training from "
-            f"scratch at {budget} {unit}{strongest}, more than epsilon {eps:g}{tail}. The protection does not hold "
+            f"scratch at {at}{strongest}, more than epsilon {eps:g}{tail}. The protection does not hold "
             "against these attacks.")

@@ -18,8 +18,9 @@ Where batching would be wrong or unsupported the sequential loop runs instead, d
 and recorded with a reason in the plan (`plan_batches`): second-order meta-gradients, objectives
 other than `ClassificationObjective` (the metric cannot be taken inside vmap), layers outside a
 known-safe list (e.g. dropout in train mode: vmap cannot reproduce the sequential random draws;
-SyncBatchNorm), groups of a single environment, and environments with an lr schedule or weight
-decay (fed-back audit recipes, core/feedback.py).
+SyncBatchNorm), groups of a single environment, environments with an lr schedule or weight
+decay (fed-back audit recipes, core/feedback.py), and the long-horizon terms of core/horizon.py
+(`protect.tail_weight` / `protect.curv_weight`; sequential only).
 
 `meta_grad_sum` has the contract of fts_step's loop in protect.py: the sum over environments of
 their meta-gradients, and the (sum loss, sum metric, count) statistics.
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from sophon_ray.core.horizon import Horizon
 from sophon_ray.core.inner import (
     Batch, Environment, Objective, Params, _trained, fresh_head, make_inner_optimizer, meta_grad_fn,
 )
@@ -92,7 +94,7 @@ def _shapes(batch: Batch) -> tuple:
 
 
 def plan_batches(model: nn.Module, jobs: Sequence[Job], objective: Objective, order: str = "first",
-                 mode: str = "auto") -> list[Group]:
+                 mode: str = "auto", horizon: Horizon | None = None) -> list[Group]:
     """Partition `jobs` into groups that share one vmapped pass, or run sequentially (with a reason).
 
     Jobs share a pass when their support and query batches have the same shapes and they train
@@ -102,6 +104,7 @@ def plan_batches(model: nn.Module, jobs: Sequence[Job], objective: Objective, or
     Args:
         mode: "auto" (batch where it is correct), "sequential" (never), "batched" (raise
             UserError where a group of several jobs cannot be batched).
+        horizon: long-horizon terms; any of them on runs every job sequentially.
     """
     if mode not in MODES:
         raise UserError(f"unknown environment batching mode {mode!r}; use one of {', '.join(MODES)}")
@@ -111,13 +114,15 @@ def plan_batches(model: nn.Module, jobs: Sequence[Job], objective: Objective, or
         blocker = "mode=sequential"
     elif order != "first":
         blocker = f"order={order} (batched environments are first order only)"
+    elif horizon is not None and horizon.on:
+        blocker = "protect.tail_weight/curv_weight > 0 (the long-horizon terms run sequentially only)"
     elif not isinstance(objective, ClassificationObjective):
         blocker = f"objective {type(objective).__name__} has no batched suppress (its metric is taken outside vmap only for classification)"
     else:
         blocker = model_blocker(model)
     if blocker is not None:
         if mode == "batched" and len(jobs) > 1:
-            raise UserError(f"batched environments impossible: {blocker}; use mode=auto or sequential")
+            raise UserError(f"batched environments impossible: {blocker}; use protect.env_batching=auto or sequential")
         return [Group(every, False, blocker)] if jobs else []
     keys: dict[tuple, list[int]] = {}
     groups = []
@@ -147,14 +152,16 @@ def meta_grads(
     weighting: str = "uniform",
     mode: str = "auto",
     plan: list[Group] | None = None,
+    horizon: Horizon | None = None,
 ) -> list[tuple[Params, dict[str, float]]]:
     """Meta-gradient and stats of every job, as `meta_grad_fn(order)` would give one by one.
 
-    Returns a list aligned with `jobs` of (grads by name, {"loss", "metric"}).
+    Returns a list aligned with `jobs` of (grads by name, {"loss", "metric"} and the horizon
+    terms' "tail" / "curv").
     """
     if query_every < 1 or weighting not in ("uniform", "linear"):
         raise UserError(f"query_every {query_every} / weighting {weighting!r}: need >= 1 and uniform|linear")
-    plan = plan_batches(model, jobs, objective, order, mode) if plan is None else plan
+    plan = plan_batches(model, jobs, objective, order, mode, horizon) if plan is None else plan
     # Head re-initialisations are drawn first, in job order, so a generator shared by several
     # jobs is consumed exactly as the sequential loop consumes it.
     heads: dict[int, Params] = {}
@@ -166,7 +173,7 @@ def meta_grads(
                     heads[i] = fresh_head(params, head_keys, j.generator or torch.Generator().manual_seed(0))
     out: list[tuple[Params, dict[str, float]] | None] = [None] * len(jobs)
     fn = meta_grad_fn(order)
-    extra = {"query_every": query_every, "weighting": weighting} if order == "first" else {}
+    extra = _first_order_kwargs(order, query_every, weighting, horizon)
     for group in sorted(plan, key=lambda g: min(g.jobs)):
         if group.batched:
             res = _batched_group(model, params, [jobs[i] for i in group.jobs], [heads.get(i) for i in group.jobs],
@@ -181,6 +188,18 @@ def meta_grads(
     return out  # type: ignore[return-value]
 
 
+def _first_order_kwargs(order: str, query_every: int, weighting: str, horizon: Horizon | None) -> dict[str, Any]:
+    """The keyword arguments only `first_order_meta_grad` takes (the horizon terms only when on)."""
+    if order != "first":
+        if horizon is not None and horizon.on:
+            raise UserError("protect.tail_weight/curv_weight are first-order terms; set protect.order=first")
+        return {}
+    extra: dict[str, Any] = {"query_every": query_every, "weighting": weighting}
+    if horizon is not None and horizon.on:
+        extra["horizon"] = horizon
+    return extra
+
+
 def meta_grad_sum(
     model: nn.Module,
     params: Params,
@@ -191,26 +210,34 @@ def meta_grad_sum(
     query_every: int = 1,
     weighting: str = "uniform",
     mode: str = "auto",
+    horizon: Horizon | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """What fts_step's loop in protect.py accumulates, with environments batched where possible.
 
+    Args:
+        horizon: the long-horizon terms (core/horizon.py); any of them on runs sequentially
+            (mode=batched: UserError).
     Returns:
         (total, stats): the sum over jobs of their meta-gradients as a list in `params` order
-        (zeros when there are no jobs), and a float tensor (sum loss, sum metric, count). The
+        (zeros when there are no jobs), and a float tensor (sum loss, sum metric, count), with
+        (sum tail, sum curv) appended when a horizon term is on (0 for a term that is off). The
         caller divides `total` by the number of environments of the whole step, as before.
     """
     total = [torch.zeros_like(p) for p in params.values()]
-    stats = torch.zeros(3)
+    on = horizon is not None and horizon.on
+    stats = torch.zeros(5 if on else 3)
     if mode == "sequential":  # the default: one environment at a time, summed as it goes (memory flat in E)
         fn = meta_grad_fn(order)
-        extra = {"query_every": query_every, "weighting": weighting} if order == "first" else {}
+        extra = _first_order_kwargs(order, query_every, weighting, horizon)
         results: Any = (fn(model, params, j.env, j.support, j.query, objective, head_keys, j.generator, **extra)
                         for j in jobs)
     else:
-        results = meta_grads(model, params, jobs, objective, head_keys, order, query_every, weighting, mode)
+        results = meta_grads(model, params, jobs, objective, head_keys, order, query_every, weighting, mode,
+                             horizon=horizon)
     for grads, st in results:
         torch._foreach_add_(total, list(grads.values()))
-        stats += torch.tensor([st["loss"], st["metric"], 1.0])
+        row = [st["loss"], st["metric"], 1.0] + ([st.get("tail", 0.0), st.get("curv", 0.0)] if on else [])
+        stats += torch.tensor(row)
     return total, stats
 
 

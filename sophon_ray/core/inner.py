@@ -10,6 +10,9 @@ Two meta-gradients:
   query gradients are accumulated step by step: memory O(1) in K.
 - `second_order_meta_grad`: differentiates through the K inner updates (create_graph=True);
   memory O(K). Use for small models or few steps.
+
+The first-order path also carries the optional long-horizon terms of core/horizon.py (progress
+bound, directional curvature), off by default.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch.func import functional_call
 
+from sophon_ray.core.horizon import Horizon, HorizonTerms
 from sophon_ray.errors import UserError
 
 Params = dict[str, torch.Tensor]
@@ -360,6 +364,7 @@ def first_order_meta_grad(
     generator: torch.Generator | None = None,
     query_every: int = 1,
     weighting: str = "uniform",
+    horizon: Horizon | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """First-order FTS meta-gradient for one environment, accumulated step by step.
 
@@ -376,10 +381,13 @@ def first_order_meta_grad(
         weighting: "uniform" (the reference: every evaluated step counts the same) or "linear"
             (step k weighs k, as TAR weights later inner steps more: what the attacker reaches
             late matters most).
+        horizon: the long-horizon terms (core/horizon.py: progress bound, directional curvature);
+            None or all weights 0: SOPHON's meta-gradient, unchanged.
     Returns:
-        (grads, stats): weighted mean over the evaluated k of ∇ℓ(θ_k; Q_k) by name (zeros for a
-        re-initialised head, which does not depend on θ), and {"loss": weighted mean suppression
-        loss, "metric": metric at θ_K}.
+        (grads, stats): weighted mean over the evaluated k of ∇ℓ(θ_k; Q_k) by name, plus the
+        horizon terms' gradients (zeros for a re-initialised head, which does not depend on θ),
+        and {"loss": weighted mean suppression loss, "metric": metric at θ_K}, plus "tail" /
+        "curv" for the terms that are on.
     """
     assert len(support) == len(query) == env.steps
     if query_every < 1 or weighting not in ("uniform", "linear"):
@@ -393,17 +401,25 @@ def first_order_meta_grad(
     state = {**fast, **_buffers_copy(model)}
     opt = make_inner_optimizer(env.optimizer, env.lr)
     opt_state = opt.init(trained)
+    terms = None
+    if horizon is not None and horizon.on:
+        terms = HorizonTerms(horizon, env.steps, query_every, names, _trained(names, env, head_keys))
     meta: list[torch.Tensor] | None = None
     total, metric, weights = 0.0, float("nan"), 0.0
     for k in range(1, env.steps + 1):
         g = torch.autograd.grad(objective.fit(model, state, support[k - 1]), trained)
+        if terms is not None:
+            terms.before_update(k, trained)
         with torch.no_grad():
             opt_state = _update_(opt, env, k - 1, trained, list(g), opt_state)
         if k % query_every and k != env.steps:
             continue
         w = 1.0 if weighting == "uniform" else float(k)
-        q_loss, metric = objective.suppress(model, state, query[k - 1])
+        q_batch = query[k - 1]
+        q_loss, metric = objective.suppress(model, state, q_batch)
         gq = list(torch.autograd.grad(q_loss, fast_list))
+        if terms is not None:
+            terms.at_query(k, w, q_loss, gq, model, state, trained, q_batch, objective)
         total += w * float(q_loss.detach())
         weights += w
         with torch.no_grad():
@@ -415,11 +431,12 @@ def first_order_meta_grad(
                 torch._foreach_add_(meta, gq)
     assert meta is not None
     torch._foreach_div_(meta, weights)
+    extra = terms.finish(meta, weights) if terms is not None else {}
     grads = dict(zip(names, meta))
     if env.reinit_head:
         for k in head_keys:
             grads[k] = torch.zeros_like(grads[k])
-    return grads, {"loss": total / weights, "metric": metric}
+    return grads, {"loss": total / weights, "metric": metric, **extra}
 
 
 def second_order_meta_grad(

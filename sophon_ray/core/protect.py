@@ -6,6 +6,8 @@ snapshot, the iteration counter) and is driven by a plain loop. All randomness i
 environments and batches; worker `rank` of `world` simulates environments rank, rank+world, ...
 and its share of each NTR batch, and `allreduce` (sum over workers, identity locally) combines
 gradients before every optimizer step. The same code path runs in-process and on Ray Train.
+The optional long-horizon terms (core/horizon.py) enter the FTS step: the progress bound and
+curvature per environment (`meta_grad_sum`), the gradient coupling once per step at θ.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from sophon_ray.config import ProtectConfig
 from sophon_ray.core.inner import Batch, Environment, Params, meta_grad_fn, sample_environments, validate_env_space
 from sophon_ray.core.batched import Job, meta_grad_sum
+from sophon_ray.core.horizon import Bound, Horizon, coupling
 from sophon_ray.core.feedback import validate_space, with_recipes
 from sophon_ray.core.objectives import ClassificationObjective
 from sophon_ray.core.optim import OuterAdam
@@ -53,6 +56,7 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
         (cfg.env_batching in ("sequential", "auto", "batched"), "protect.env_batching must be sequential, auto or batched"),
         (cfg.order == "first" or (cfg.query_every == 1 and cfg.weighting == "uniform"),
          "protect.query_every/weighting need protect.order=first"),
+        *_horizon_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
@@ -62,6 +66,29 @@ def validate_config(cfg: ProtectConfig, kind: str | None = None) -> None:
         get_loss(cfg.loss, kind)
     validate_env_space(cfg.env.optimizers, cfg.env.lr, cfg.env.batch_sizes, cfg.env.reinit_head_prob, cfg.env.head_only_prob)
     validate_space(cfg.env)
+
+
+def _horizon_checks(cfg: ProtectConfig) -> list[tuple[bool, str]]:
+    """validate_config's checks of the long-horizon terms (core/horizon.py)."""
+    on = horizon_of(cfg) is not None
+    return [
+        (min(cfg.tail_weight, cfg.curv_weight, cfg.couple_weight) >= 0,
+         "protect.tail_weight, protect.curv_weight and protect.couple_weight must be >= 0 (0 turns a term off)"),
+        (0 < cfg.tail_ratio_max < 1, "protect.tail_ratio_max must be in (0, 1)"),
+        (cfg.curv_eps > 0 and cfg.curv_scale > 0 and cfg.couple_eps > 0,
+         "protect.curv_eps, protect.curv_scale and protect.couple_eps must be > 0"),
+        (not on or cfg.order == "first",
+         "protect.tail_weight/curv_weight are first-order terms: set protect.order=first (or the weights to 0)"),
+        (not on or cfg.env_batching != "batched",
+         "protect.tail_weight/curv_weight run the environments sequentially: set protect.env_batching=sequential "
+         "(or auto)"),
+    ]
+
+
+def horizon_of(cfg: ProtectConfig) -> Horizon | None:
+    """The per-environment long-horizon terms of `cfg` (None when both weights are 0)."""
+    h = Horizon(cfg.tail_weight, cfg.tail_ratio_max, cfg.curv_weight, cfg.curv_eps, cfg.curv_scale)
+    return h if h.on else None
 
 
 def _no_reduce(tensors: list[torch.Tensor]) -> None:
@@ -141,6 +168,16 @@ class GuardState:
     lr_scale: float = 1.0
     rollbacks: int = 0
     last_value: float = float("nan")
+    passed_at: int | None = None  # the outer iteration of the last snapshot that passed (None: never passed)
+
+    @property
+    def passed(self) -> bool:
+        """Whether the weights a run ends on passed the guard (a snapshot that passed exists)."""
+        return self.best is not None
+
+    def summary(self) -> dict[str, object]:
+        """metrics.json's guard fields: `guard_passed` and `guard_last_pass` (the iteration)."""
+        return {"guard_passed": self.passed, "guard_last_pass": self.passed_at if self.passed else None}
 
 
 class Protection:
@@ -214,17 +251,39 @@ class Protection:
                 torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 2, e)))
             for e in range(self.rank, len(envs), self.world)
         ]
+        horizon = horizon_of(cfg)
         total, stats = meta_grad_sum(self.model, params, jobs, self.objective, self.head_keys, cfg.order,
-                                     cfg.query_every, cfg.weighting, mode=cfg.env_batching)
+                                     cfg.query_every, cfg.weighting, mode=cfg.env_batching, horizon=horizon)
         torch._foreach_div_(total, float(len(envs)))
+        if cfg.couple_weight > 0:  # the same on every worker: each adds its 1/world share before the sum
+            c, grad = self._coupling(params, it, sub)
+            torch._foreach_add_(total, grad, alpha=cfg.couple_weight / self.world)
+            fed["fts_couple"] = c
         self.allreduce(total + [stats])
         n = max(float(stats[2]), 1.0)
+        for i, (key, w) in enumerate((("tail", cfg.tail_weight), ("curv", cfg.curv_weight))):
+            if horizon is not None and w > 0:  # means over all environments of the step
+                fed[f"fts_{key}"] = float(stats[3 + i]) / n
         if not all(bool(torch.isfinite(g).all()) for g in total):
             # a simulated fine-tuning diverged (e.g. SGD at the top of its lr range): no update from
             # this step, the same decision on every worker (after the all-reduce)
             return {"fts_loss": float("nan"), "sim_metric": float("nan"), "fts_skipped": 1.0, **fed}
         self._apply(self.fts_opt, total)
         return {"fts_loss": float(stats[0]) / n, "sim_metric": float(stats[1]) / n, "fts_skipped": 0.0, **fed}
+
+    def _coupling(self, params: Params, it: int, sub: int) -> tuple[float, list[torch.Tensor]]:
+        """SEAM's coupling at θ (core/horizon.py): cos(∇ fit loss on a restricted support batch of
+        `query_batch`, ∇ NTR loss on an original batch of `ntr_batch`) and its gradient, on batches
+        seeded by (seed, it, sub) alone, so every worker computes the same; buffers are copies."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(_seed(cfg.seed, it, sub, 5))
+        restricted = self.make_batch(_draw(self.support, cfg.query_batch, g), g)
+        original = self.make_batch(_draw(self.original, cfg.ntr_batch, g), g)
+        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
+        state = {**params, **buffers}
+        return coupling(lambda st: self.objective.fit(self.model, st, restricted),
+                        lambda st: self.objective.train_loss(Bound(self.model, st), original),
+                        state, list(params), cfg.couple_eps)
 
     def _support(self, it: int, sub: int, e: int, env: Environment | None = None) -> tuple[torch.Tensor, ...]:
         """Environment e's support pool: all of it, or (`protect.support_per_class`; a fed-back
@@ -281,6 +340,7 @@ class Protection:
         if not self._ok(value) and self.guard.best is None and self.cfg.init == "fresh":
             return {"orig_metric": value, "guard_rollback": 0.0}
         if self._ok(value):
+            self.guard.passed_at = self.iteration
             self.guard.best = {
                 "model": copy.deepcopy(self.model.state_dict()),
                 "fts": copy.deepcopy(self.fts_opt.state_dict()),
@@ -319,7 +379,8 @@ class Protection:
             "model": self.model.state_dict(),
             "fts": self.fts_opt.state_dict(),
             "ntr": self.ntr_opt.state_dict(),
-            "guard": {"lr_scale": self.guard.lr_scale, "rollbacks": self.guard.rollbacks, "best": self.guard.best},
+            "guard": {"lr_scale": self.guard.lr_scale, "rollbacks": self.guard.rollbacks, "best": self.guard.best,
+                      "passed_at": self.guard.passed_at},
             "iteration": self.iteration,
         }
 
@@ -328,7 +389,8 @@ class Protection:
         self.fts_opt.load_state_dict(state["fts"])
         self.ntr_opt.load_state_dict(state["ntr"])
         g = state["guard"]
-        self.guard = GuardState(best=g["best"], lr_scale=g["lr_scale"], rollbacks=g["rollbacks"])
+        self.guard = GuardState(best=g["best"], lr_scale=g["lr_scale"], rollbacks=g["rollbacks"],
+                                passed_at=g.get("passed_at", None if g["best"] is None else state["iteration"]))
         self.fts_opt.lr = self.cfg.alpha * self.guard.lr_scale
         self.iteration = state["iteration"]
 

@@ -133,6 +133,17 @@ class SuiteProtocol:
         per = max(images // max(batch_size, 1), 1)
         return tuple(b * per for b in budgets)
 
+    def smoke(self) -> SuiteProtocol:
+        """The protocol as a `--smoke` audit runs it: epoch budgets shrunk to `SMOKE_EPOCHS` (a smoke
+        audit must stay quick; it never certifies anyway); a protocol in steps is unchanged (its
+        budgets, None for the steps protocol, are the pipeline's, which --smoke shrinks already)."""
+        if self.unit == "steps" or self.budgets is None:
+            return self
+        return dataclasses.replace(self, budgets=SMOKE_EPOCHS)
+
+
+SMOKE_EPOCHS: tuple[int, ...] = (1, 2)  # an epoch protocol's budgets under --smoke (`SuiteProtocol.smoke`)
+
 
 STEPS_PROTOCOL = SuiteProtocol()
 
@@ -147,6 +158,29 @@ class Tensors:
     restricted_test: tuple[torch.Tensor, torch.Tensor]
     num_classes: int
     names: dict[str, Any]
+
+
+def unit_of(audit: dict[str, Any]) -> str:
+    """The unit of an audit's budgets: "steps" (optimizer steps) or "epochs" (a protocol suite such
+    as paper-v1), from audit.json "protocol" (else "strength"); "steps" where it records neither."""
+    return str((audit.get("protocol") or {}).get("unit") or (audit.get("strength") or {}).get("unit") or "steps")
+
+
+def steps_text(span: tuple[int, int] | None, approx: str = "~") -> str:
+    """`~440` or `~700-2180` (a range where recipes differ), "" for None."""
+    if not span:
+        return ""
+    lo, hi = span
+    return f"{approx}{lo}" if lo == hi else f"{approx}{lo}-{hi}"
+
+
+def budget_label(b: Any, unit: str = "steps", steps: dict[str, tuple[int, int]] | None = None,
+                 approx: str = "~") -> str:
+    """One budget with its unit: `25 steps`, `1 epoch`, `20 epochs (~440 steps)` (the step equivalent
+    where `steps`, from `step_equivalents`, knows it)."""
+    word = unit[:-1] if str(b) == "1" and unit.endswith("s") else unit
+    extra = steps_text((steps or {}).get(str(b)), approx)
+    return f"{b} {word}" + (f" ({extra} steps)" if extra else "")
 
 
 def head_keys(model: torch.nn.Module) -> tuple[str, ...]:
@@ -320,12 +354,13 @@ class Task:
                         **self.finetune_kwargs(t, model, seed))
 
     def protect(self, source: str | Path, out: str | Path, log: Log = print, on_metrics: Metrics = no_metrics,
-                start: str | Path | None = None) -> Path:
+                start: str | Path | None = None, fed_by: dict[str, Any] | None = None) -> Path:
         """Run SOPHON in-process on `source` and write the protected model directory.
 
         `on_metrics(iteration, metrics)` receives every outer iteration's metrics. The same loop for
         every kind: only the tensors, the model check, the metric and the `Protection` differ.
-        `start`: a model directory whose weights protection starts from (`start_from`).
+        `start`: a model directory whose weights protection starts from (`start_from`); `fed_by`:
+        the audit (mode, attack seed) whose recipes a hardening round trained on (card lineage).
         """
         from sophon_ray.core import run
         from sophon_ray.core.protect import validate_config
@@ -349,15 +384,14 @@ class Task:
                 log(f"protect {it}/{cfg.protect.iterations}{fts}{ntr}{orig} ({time.perf_counter() - began:.1f}s)")
 
         run(prot, progress)
-        if prot.guard.best is None:  # co-training that never reached the guard: say so, keep the weights
-            log(f"protect: the guard never passed (original {m.name} {prot.guard.last_value:.4f} vs source "
-                f"{source_value:.4f}); raise protect.iterations or protect.nl_loop")
+        guard_note(prot.guard, m, source_value, log)
         final = self.model_metrics(model, t)
         metrics = {**final, f"source_original_test_{m.name}": source_value,
-                   "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration}
+                   "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, **prot.guard.summary()}
         start_sha = start_card["sha256"] if start_card else None
         lineage = {"source": {"path": modeldir.lineage_path(source), "sha256": src_card["sha256"]},
                    **({"start": {"path": modeldir.lineage_path(start), "sha256": start_sha}} if start_card else {}),
+                   **({"fed_by": dict(fed_by)} if fed_by else {}), "guard": guard_record(prot.guard),
                    "protect": to_dict(cfg.protect), "stage_hash": self.protect_stage_hash(src_card["sha256"], 0, start_sha)}
         log(f"protect done: original test {m.name} {final[f'original_test_{m.name}']:.4f} "
             f"(source {source_value:.4f}), {prot.guard.rollbacks} guard rollbacks "
@@ -457,6 +491,20 @@ TASKS: dict[str, str] = {
     "classifier": "sophon_ray.tasks.classifier:ClassifierTask",
     "diffusion": "sophon_ray.tasks.diffusion:DiffusionTask",
 }
+
+
+def guard_record(guard: Any) -> dict[str, Any]:
+    """The card's `lineage.guard`: whether the protection's final weights passed the guard, the
+    iteration of the last passing snapshot, the rollbacks."""
+    return {"passed": bool(guard.passed), "last_pass": guard.passed_at if guard.passed else None,
+            "rollbacks": int(guard.rollbacks)}
+
+
+def guard_note(guard: Any, m: Metric, source_value: float, log: Log) -> None:
+    """One line when a protection's guard never passed (its model will not certify)."""
+    if not guard.passed:
+        log(f"protect: the guard never passed (original {m.name} {guard.last_value:.4f} vs source "
+            f"{source_value:.4f}); the model is kept but cannot certify: raise protect.iterations or protect.nl_loop")
 
 
 def task_class(kind: Any, where: str = "") -> type[Task]:

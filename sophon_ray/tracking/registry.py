@@ -8,12 +8,16 @@ Version tags written here:
 - at registration: `weights_sha256`, `card_sha256`, `source_model`, `domains` (JSON),
   `protect_run_id`, `pipeline`; the alias `candidate` moves to the new version;
 - by `record_audit`: every audit is kept as its own tag `audit/<run id>` (compact JSON: status,
-  certifies, recipes, trials, largest budget, epsilon, margin, control gap); the summary tags
-  `audit_run_id`, `audit_status`, `audit_certifies`, `audit_margin`, `audit_epsilon`,
+  certifies, recipes, trials, largest budget in optimizer steps, the attacker's images per class,
+  epsilon, margin, control gap), its status and certification recomputed from the audit's own
+  trial records (`audit.driver.recheck`), never taken from the dict; an audit run under another
+  pipeline than the version's is refused unless its standard covers the version's pipeline. The
+  summary tags `audit_run_id`, `audit_status`, `audit_certifies`, `audit_margin`, `audit_epsilon`,
   `audit_passed`, `audit_sha256` describe the *decisive* audit (`decide`). A failed audit blocks
   certification by any audit that is not at least as strong in every respect (recipes, trials,
-  largest budget, epsilon no laxer), so weights cannot be re-audited more weakly until something
-  passes. The alias `audited` is on the version iff some certifying audit (status `passed` and the
+  largest budget in steps, attacker data, epsilon no laxer), so weights cannot be re-audited more
+  weakly until something passes: a failed 20-epoch paper-v1 audit (about 440 steps on the whole
+  split) blocks a passing 50-step audit on 10 images per class. The alias `audited` is on the version iff some certifying audit (status `passed` and the
   recorded minimum, see `audit.driver.certification`) is blocked by no failed one; the strongest
   such decides. Otherwise the strongest audit that does not certify decides (strength first,
   outcome second, the later one on a tie). A weaker later audit never overrides a stronger
@@ -178,24 +182,41 @@ def _passing(mv: Any) -> bool:
 
 
 def _summary(audit: dict[str, Any], audit_run_id: str | None) -> dict[str, Any]:
-    v, s = audit["verdict"], audit.get("strength") or {}
+    """The compact record of an audit on a version, its status and certification recomputed from
+    the audit's own trials (`audit.driver.recheck`), its strength in units that compare: the largest
+    budget in optimizer steps and the attacker's images per class (None: the whole split)."""
+    from sophon_ray.audit.driver import recheck
+
+    again = recheck(audit)
+    v, s = again["verdict"], again["strength"]
+    steps = s.get("max_steps")
+    images = s.get("attacker_images")
     return {"run": audit_run_id or "", "status": v.get("status") or ("passed" if v.get("passed") else "failed"),
-            "certifies": bool((audit.get("certification") or {}).get("certifies")),
+            "certifies": bool(again["certification"]["certifies"]),
             "recipes": int(s.get("recipes") or 0), "trials": int(s.get("trials") or len(audit.get("trials") or [])),
-            "max_budget": max(audit.get("budgets") or [0]), "epsilon": v.get("epsilon"), "margin": v.get("margin"),
-            "control_gap": v.get("control_gap"), "order": 0}
+            "max_budget": int(steps) if steps is not None else max(audit.get("budgets") or [0]), "unit": "steps",
+            "images": "all" if images is None else int(images),
+            "epsilon": v.get("epsilon"), "margin": v.get("margin"), "control_gap": v.get("control_gap"), "order": 0}
 
 
-def _strength(a: dict[str, Any]) -> tuple[int, int, int, float]:
-    """(recipes, trials, largest budget, -epsilon) of a recorded audit: larger is stronger in each."""
+def _images(a: dict[str, Any]) -> float:
+    """The attacker's images per class of a recorded audit as a number (the whole split: infinite;
+    audits recorded before the field: the 10 per class every pipeline's step audits used)."""
+    x = a.get("images", 10)
+    return float("inf") if x == "all" else float(x)
+
+
+def _strength(a: dict[str, Any]) -> tuple[float, ...]:
+    """(recipes, trials, largest budget in optimizer steps, attacker images per class, -epsilon) of a
+    recorded audit: larger is stronger in each."""
     eps = a.get("epsilon")
-    return (int(a.get("recipes") or 0), int(a.get("trials") or 0), int(a.get("max_budget") or 0),
+    return (int(a.get("recipes") or 0), int(a.get("trials") or 0), int(a.get("max_budget") or 0), _images(a),
             -(float(eps) if eps is not None else 1e9))
 
 
 def at_least_as_strong(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether audit `a` is at least as strong as `b` in every respect: recipes, trials, largest
-    budget, and an epsilon no laxer."""
+    budget in optimizer steps, the attacker's data, and an epsilon no laxer."""
     return all(x >= y for x, y in zip(_strength(a), _strength(b)))
 
 
@@ -234,6 +255,17 @@ def recorded_audits(mv: Any) -> list[dict[str, Any]]:
     return sorted(out, key=lambda a: int(a.get("order") or 0))
 
 
+def _check_pipeline(audit: dict[str, Any], mv: Any, name: str) -> None:
+    """UserError for an audit run under another pipeline than the version's, unless its standard
+    took the version's pipeline into account (`audit.driver.standard_of`: "covers")."""
+    want = (mv.tags or {}).get("pipeline")
+    got = audit.get("pipeline")
+    covers = ((audit.get("strength") or {}).get("standard") or {}).get("covers") or []
+    if want and got != want and want not in covers:
+        raise UserError(f"the audit ran pipeline {got!r}, version {mv.version} of {name!r} was protected under {want!r} "
+                        f"and the audit's standard does not cover it; audit it with `sophon-ray audit {want} ...`")
+
+
 def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run_id: str | None,
                  tracking_uri: str | None = None) -> dict[str, Any]:
     """Record an audit on a version; the alias `audited` follows `decide` over every audit recorded.
@@ -262,6 +294,7 @@ def record_audit(name: str, version: int | str, audit: dict[str, Any], audit_run
     if got != want:
         raise UserError(f"the audit examined weights sha256 {str(got)[:12]}, but version {mv.version} of {name!r} has "
                         f"{want[:12]}; audit models:/{name}/{mv.version} itself")
+    _check_pipeline(audit, mv, name)
     earlier = recorded_audits(mv)
     this = {**_summary(audit, audit_run_id), "order": 1 + max((int(a.get("order") or 0) for a in earlier), default=0)}
     key = this["run"] or f"local-{this['order']}"

@@ -190,6 +190,7 @@ def protect_distributed(
     on_metrics: Callable[[int, dict[str, float]], None] = lambda step, m: None,
     prestart: bool = False,
     start: str | Path | None = None,
+    fed_by: dict[str, Any] | None = None,
 ) -> Path:
     """Run SOPHON protection on `workers` Ray Train workers and write the protected model dir.
 
@@ -209,11 +210,13 @@ def protect_distributed(
         start: a model directory whose weights protection starts from instead of the source's
             (`Task.start_from`; the hardening loop's previous round); the source stays the teacher,
             the guard's reference and the lineage's source. Part of the run name.
+        fed_by: the audit (mode, attack seed) whose recipes a hardening round trained on (card lineage).
     Returns:
         The protected model directory.
     """
     stamps = {"begin": time.time()}
     from sophon_ray import modeldir, tasks
+    from sophon_ray.tasks.base import guard_note, guard_record
     from sophon_ray.core.protect import validate_config
 
     if workers < 1:
@@ -301,10 +304,13 @@ def protect_distributed(
         metrics = {
             **final, f"source_{key}": source_value,
             "guard_rollbacks": prot.guard.rollbacks, "iterations": prot.iteration, "workers": workers, "ray_run": name,
+            **prot.guard.summary(),
         }
+        guard_note(prot.guard, task.metric, source_value, log)
         env_file = run_dir / "environment.json"  # rank 0's: the workers did the arithmetic, not this driver
         lineage = {"source": {"path": lineage_path(source), "sha256": src_card["sha256"]},
                    **({"start": {"path": lineage_path(start), "sha256": start_sha}} if start is not None else {}),
+                   **({"fed_by": dict(fed_by)} if fed_by else {}), "guard": guard_record(prot.guard),
                    "environment": json.loads(env_file.read_text()) if env_file.exists() else None,
                    "protect": {**to_dict(cfg.protect), "ray_run": name, "storage": str(storage), "workers": workers},
                    "stage_hash": task.protect_stage_hash(src_card["sha256"], workers, start_sha)}

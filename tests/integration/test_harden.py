@@ -60,6 +60,14 @@ def test_a_killed_harden_resumes_after_its_last_finished_round(ray_local, digits
     progress = next((root / ".ray").glob(f"*-from{sha1[:8]}")) / "progress.jsonl"
     assert any(json.loads(line).get("fts_recipe_envs", 0) > 0 for line in progress.read_text().splitlines())
     assert summary["audit"]["model"]["sha256"] == card2["sha256"]
+    # round 2 trained on round 1's audit recipes: its card says which, and an audit of that suite and
+    # attack seed records it (and would not certify it); round 1 trained on none
+    fed_by = card2["lineage"]["fed_by"]
+    assert (fed_by["mode"], fed_by["attack_seed"], fed_by["rounds"]) == (summary["audit"]["strength"]["mode"], 0, [1])
+    assert summary["audit"]["strength"]["model"]["trained_against"] == fed_by
+    assert any("trained on this suite's recipes" in p for p in summary["audit"]["certification"]["problems"])
+    assert "fed_by" not in read_card(root / "round-1" / "protected")["lineage"]
+    assert isinstance(card2["lineage"]["guard"]["passed"], bool)  # recorded on the Ray Train path too
 
     # each round: a registry version with its audit recorded on it
     for rec in summary["rounds"]:

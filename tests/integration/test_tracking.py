@@ -35,6 +35,7 @@ from sophon_ray.tracking import (
     versions_with_sha256,
 )
 
+from tests.audits import make_audit
 from tests.support import free_port, mlflow_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy inside MLflow
@@ -50,19 +51,6 @@ def _model_dir(out: Path, seed: int) -> Path:
             "pipeline": "digits", "domains": {"original": "digits[0-4]", "restricted": ["digits[5-9]"]},
             "role": "protected", "lineage": {"source": {"path": "/models/source", "sha256": "ab" * 32}}}
     return save_model_dir(out, model, card, {"original_test_accuracy": 0.9})
-
-
-def _audit(sha: str, passed: bool, margin: float, status: str | None = None, certifies: bool | None = None,
-           trials: int = 100, recipes: int | None = None) -> dict:
-    status = status or ("passed" if passed else "failed")
-    certifies = status == "passed" if certifies is None else certifies
-    return {"format": "sophon-ray/audit@1", "model": {"uri": "x", "sha256": sha}, "pipeline": "digits",
-            "metric": "accuracy", "attacker_goal": "max", "budgets": [25, 50], "trials": [],
-            "worst_case": {"protected": {"25": 0.2, "50": 0.3}, "scratch": {"25": 0.25, "50": 0.31}},
-            "verdict": {"passed": status == "passed", "status": status, "epsilon": 0.02, "margin": margin,
-                        "failed_trials": 0},
-            "strength": {"trials": trials, **({"recipes": recipes} if recipes is not None else {})},
-            "certification": {"certifies": certifies, "problems": []}}
 
 
 @pytest.fixture(scope="module")
@@ -173,29 +161,32 @@ def test_registry_lifecycle_and_tamper_refused(store, tmp_path, monkeypatch):
     # audited only after a certifying audit of exactly these weights
     with pytest.raises(UserError, match="no certifying audit"):
         promote(name, version, "audited", tracking_uri=uri)
-    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.2), "run-a", tracking_uri=uri)
+    rec = record_audit(name, version, make_audit(sha, "failed"), "run-a", tracking_uri=uri)
     assert rec["status"] == "failed" and rec["audited"] is False and rec["overridden_by"] is None
     tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
-    assert tags["audit_passed"] == "false" and tags["audit_run_id"] == "run-a" and tags["audit_margin"] == "0.2"
+    assert tags["audit_passed"] == "false" and tags["audit_run_id"] == "run-a" and float(tags["audit_margin"]) == pytest.approx(0.19)
     assert json.loads(tags["audit/run-a"])["status"] == "failed"
     assert "audited" not in show(name, tracking_uri=uri)["aliases"]
     for alias in ("audited", "production"):
         with pytest.raises(UserError, match="no certifying audit"):
             promote(name, version, alias, tracking_uri=uri)
     with pytest.raises(UserError, match="sha256"):
-        record_audit(name, version, _audit("f" * 64, passed=True, margin=0.0), "run-x", tracking_uri=uri)
+        record_audit(name, version, make_audit("f" * 64, "passed"), "run-x", tracking_uri=uri)
     # inconclusive (the control had no power) and weak passing audits never certify
-    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.0, status="inconclusive", trials=200),
-                       "run-i", tracking_uri=uri)
+    rec = record_audit(name, version, make_audit(sha, "inconclusive", recipes=60), "run-i", tracking_uri=uri)
     assert rec["status"] == "inconclusive" and rec["audited"] is False
-    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, certifies=False, trials=500), "run-w",
-                       tracking_uri=uri)
+    rec = record_audit(name, version, make_audit(sha, "passed", recipes=160, smoke=True), "run-w", tracking_uri=uri)
     assert rec["audited"] is False and "audited" not in show(name, tracking_uri=uri)["aliases"]
-    rec = record_audit(name, version, _audit(sha, passed=True, margin=-0.01), "run-b", tracking_uri=uri)
+    # the dict's own `certification` is not trusted: recomputed from its trials (a smoke audit)
+    forged = make_audit(sha, "passed", recipes=160, smoke=True)
+    forged["certification"] = {"certifies": True, "problems": []}
+    assert record_audit(name, version, forged, "run-f", tracking_uri=uri)["audited"] is False
+    rec = record_audit(name, version, make_audit(sha, "passed"), "run-b", tracking_uri=uri)
     assert rec["audited"] is True and rec["decisive"] == "run-b"
     assert show(name, tracking_uri=uri)["aliases"] == {"candidate": str(version), "audited": str(version)}
     # a later, weaker failing audit is recorded but does not override the stronger certifying one
-    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.3, trials=10), "run-c", tracking_uri=uri)
+    rec = record_audit(name, version, make_audit(sha, "failed", recipes=2, reruns=(), seeds=1), "run-c",
+                       tracking_uri=uri)
     assert rec["audited"] is True and rec["overridden_by"] == "run-b"
     tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
     assert tags["audit_run_id"] == "run-b" and "audit/run-c" in tags
@@ -221,20 +212,21 @@ def test_registry_lifecycle_and_tamper_refused(store, tmp_path, monkeypatch):
         download_model(f"models:/{name}/{version}", tracking_uri=uri)
 
 
+def _registered(uri: str, tmp_path: Path, name: str, seed: int) -> tuple[str, int]:
+    model = _model_dir(tmp_path / f"protected-{seed}", seed=seed)
+    with Tracker.start("protect", "digits", {"seed": seed}, tracking_uri=uri) as t:
+        t.log_model_dir(model)
+    return sha256_file(model / WEIGHTS), register_protected(model, name, t.run_id, tracking_uri=uri)
+
+
 def test_a_failed_audit_blocks_weaker_passing_audits_of_the_same_weights(sqlite_uri, tmp_path):
     """No audit shopping: after a failed 48-recipe audit, a passing 16-recipe audit of the same
     version is recorded but leaves `audited` unset; only an audit at least as strong certifies."""
     uri, name = sqlite_uri, "shopping"
-    model = _model_dir(tmp_path / "protected", seed=5)
-    sha = sha256_file(model / WEIGHTS)
-    with Tracker.start("protect", "digits", {"seed": 5}, tracking_uri=uri) as t:
-        t.log_model_dir(model)
-    version = register_protected(model, name, t.run_id, tracking_uri=uri)
-    rec = record_audit(name, version, _audit(sha, passed=False, margin=0.2, recipes=48, trials=186), "run-48",
-                       tracking_uri=uri)
-    assert rec["audited"] is False
-    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, recipes=16, trials=90), "run-16",
-                       tracking_uri=uri)
+    sha, version = _registered(uri, tmp_path, name, 5)
+    failed48 = make_audit(sha, "failed", recipes=48, reruns=tuple(range(10)), seeds=4)
+    assert record_audit(name, version, failed48, "run-48", tracking_uri=uri)["audited"] is False
+    rec = record_audit(name, version, make_audit(sha, "passed", recipes=16), "run-16", tracking_uri=uri)
     assert rec == {"status": "passed", "certifies": True, "audited": False, "decisive": "run-48",
                    "overridden_by": "run-48", "blocked_by": ["run-48"]}
     tags = show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
@@ -244,14 +236,38 @@ def test_a_failed_audit_blocks_weaker_passing_audits_of_the_same_weights(sqlite_
     with pytest.raises(UserError, match="no certifying audit"):
         promote(name, version, "audited", tracking_uri=uri)
     # more recipes but fewer trials than the failed audit: still not at least as strong
-    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, recipes=64, trials=150), "run-64",
-                       tracking_uri=uri)
+    more = make_audit(sha, "passed", recipes=64)
+    assert len(more["trials"]) < len(failed48["trials"])
+    rec = record_audit(name, version, more, "run-64", tracking_uri=uri)
     assert rec["audited"] is False and rec["blocked_by"] == ["run-48"]
     # as strong in every respect (recipes, trials, largest budget, epsilon): certifies
-    rec = record_audit(name, version, _audit(sha, passed=True, margin=0.0, recipes=48, trials=186), "run-48b",
-                       tracking_uri=uri)
+    rec = record_audit(name, version, make_audit(sha, "passed", recipes=48, reruns=tuple(range(10)), seeds=4),
+                       "run-48b", tracking_uri=uri)
     assert rec["audited"] is True and rec["decisive"] == "run-48b" and rec["blocked_by"] == []
     assert show(name, tracking_uri=uri)["aliases"]["audited"] == str(version)
+
+
+def test_a_failed_paper_audit_in_epochs_blocks_a_passing_step_audit(sqlite_uri, tmp_path):
+    """Budgets compare in optimizer steps: a failed 20-epoch paper-v1 audit (440 steps here) blocks a
+    passing audit whose largest budget is 100 steps, though 100 > 20 as plain numbers; and an audit
+    recorded under another pipeline than the version's is refused unless its standard covers it."""
+    uri, name = sqlite_uri, "units"
+    sha, version = _registered(uri, tmp_path, name, 6)
+    paper = make_audit(sha, "failed", suite="paper-v1", recipes=9, reruns=())
+    assert paper["budgets"] == [5, 10, 20] and paper["strength"]["max_steps"] == 440
+    rec = record_audit(name, version, paper, "run-paper", tracking_uri=uri)
+    assert rec["audited"] is False and json.loads(show(f"{name}/{version}", tracking_uri=uri)["versions"][0]["tags"]
+                                                  ["audit/run-paper"])["max_budget"] == 440
+    steps = make_audit(sha, "passed", recipes=48)  # to 100 steps: more recipes and trials, but shorter
+    assert steps["certification"]["certifies"] and steps["strength"]["max_steps"] == 100
+    rec = record_audit(name, version, steps, "run-steps", tracking_uri=uri)
+    assert rec["audited"] is False and rec["blocked_by"] == ["run-paper"]
+    assert "audited" not in show(name, tracking_uri=uri)["aliases"]
+    # an audit of the same weights under another pipeline whose standard does not cover "digits"
+    other = make_audit(sha, "passed", recipes=48)
+    other["pipeline"], other["strength"]["standard"]["covers"] = "lite", ["lite"]
+    with pytest.raises(UserError, match="protected under 'digits'"):
+        record_audit(name, version, other, "run-lite", tracking_uri=uri)
 
 
 def test_audit_run_metrics_match_audit_json(sqlite_uri, tmp_path):

@@ -58,7 +58,8 @@ def test_pipeline_file_audited_with_budgets_1_does_not_certify(pipeline_file):
     assert audit["verdict"]["status"] == "passed" and audit["budgets"] == [1]
     std = audit["strength"]["standard"]
     assert (std["source"], std["pipeline"], std["budgets"], std["max_budget"]) == ("pipeline", "mine", [10, 25, 50, 100, 300], 300)
-    assert audit["certification"] == {"certifies": False, "problems": ["largest budget 1 < the pipeline's 300"]}
+    assert audit["certification"] == {"certifies": False,
+                                      "problems": ["largest budget 1 < the standard's 300 (pipeline mine)"]}
     # the same audit at the pipeline's own budgets certifies: the budget was the only problem
     full = _trials(cfg.attack.budgets)
     audit = assemble(_plan(cfg, standard_cfg), full, len(full), 0.02, None, n_explore=16)
@@ -72,8 +73,9 @@ def test_set_overrides_and_renames_do_not_move_the_standard(pipeline_file):
     assert standard_of(cfg, standard_cfg)["max_budget"] == 300
     # renamed to a bundled pipeline's name (whose largest budget is smaller): still the file's own
     renamed = tasks.get_pipeline(pipeline_file, overrides=["name=digits"])
-    assert standard_of(renamed, standard_cfg) == {"source": "pipeline", "pipeline": "mine",
-                                                  "budgets": [10, 25, 50, 100, 300], "max_budget": 300}
+    std = standard_of(renamed, standard_cfg)
+    assert {k: std[k] for k in ("source", "pipeline", "budgets", "max_budget")} == {
+        "source": "pipeline", "pipeline": "mine", "budgets": [10, 25, 50, 100, 300], "max_budget": 300}
     # a bundled pipeline renamed, without the pipeline as written: no standard, never certifies
     other = tasks.get_pipeline("digits", overrides=["name=my-digits", "attack.budgets=[1]"])
     std = standard_of(other, None)
@@ -153,3 +155,74 @@ def test_a_suite_protocol_that_does_not_certify_or_counts_epochs_never_certifies
                               (tasks.SuiteProtocol(unit="epochs"), "budgets in epochs, the pipeline's in steps")):
         audit = assemble(dataclasses.replace(plan, protocol=protocol), trials, len(trials), 0.02, None, n_explore=16)
         assert audit["certification"]["problems"] == [problem]
+
+
+LITE = "name: lite\nbase: mnist-to-digits\nattack: {budgets: [1]}\n"
+
+
+def test_a_pipeline_file_cannot_lower_the_standard_of_a_bundled_model(tmp_path):
+    """Issue 35: a four-line file with mnist-to-digits' model and data and budgets [1] audits a
+    mnist-to-digits model; the standard is still mnist-to-digits' largest budget (400 steps), and
+    audit.json shows where it came from."""
+    (tmp_path / "lite.yaml").write_text(LITE)
+    written = load(tmp_path / "lite.yaml", smoke=False)
+    cfg = tasks.get_pipeline(str(tmp_path / "lite.yaml"))
+    card = {"pipeline": "mnist-to-digits"}
+    std = standard_of(cfg, written, card)
+    assert (std["source"], std["pipeline"], std["max_budget"]) == ("card", "mnist-to-digits", 400)
+    assert {"lite", "mnist-to-digits"} <= set(std["covers"])
+    # the same file with a model whose card names the file: the bundled pipeline of the same model and data
+    assert standard_of(cfg, written, {"pipeline": "lite"})["pipeline"] == "mnist-to-digits"
+    plan = dataclasses.replace(_plan(cfg, written), standard=std)
+    trials = _trials([1])
+    audit = assemble(plan, trials, len(trials), 0.02, None, n_explore=16)
+    assert audit["verdict"]["status"] == "passed" and not audit["certification"]["certifies"]
+    assert audit["strength"]["standard"]["max_budget"] == 400
+    assert audit["certification"]["problems"] == ["largest budget 1 < the standard's 400 (card mnist-to-digits)"]
+
+
+def test_the_kind_floor_holds_for_a_users_own_data(tmp_path):
+    """A pipeline of the user's own data matches no bundled one: its own budgets, but never below
+    the kind's floor (FLOOR_STEPS)."""
+    from sophon_ray.audit.driver import FLOOR_STEPS
+
+    (tmp_path / "own.yaml").write_text("name: own\nbase: digits\ninput: {size: 12}\nattack: {budgets: [5, 10]}\n")
+    written = load(tmp_path / "own.yaml", smoke=False)
+    std = standard_of(tasks.get_pipeline(str(tmp_path / "own.yaml")), written, {"pipeline": "own"})
+    assert (std["source"], std["max_budget"]) == ("floor", FLOOR_STEPS["classifier"]) == ("floor", 50)
+
+
+def _facts_audit(facts, mode="quick-v3", attack_seed=0):
+    cfg = tasks.get_pipeline("digits", overrides=[f"attack.seed={attack_seed}"])
+    plan = dataclasses.replace(_plan(cfg, load("digits")), mode=mode, model_facts=facts)
+    trials = _trials(cfg.attack.budgets)
+    return assemble(plan, trials, len(trials), 0.02, None, n_explore=16)
+
+
+def test_a_harden_round_does_not_certify_on_the_recipes_it_trained_on():
+    fed = {"mode": "quick-v3", "attack_seed": 0, "seeds": 2, "rounds": [1]}
+    own = _facts_audit({"guard_passed": True, "trained_against": fed})
+    assert own["verdict"]["status"] == "passed" and not own["certification"]["certifies"]
+    assert own["certification"]["problems"][0].startswith("the model trained on this suite's recipes (quick-v3")
+    # another suite, or fresh seeds (another attack seed), can certify the same weights
+    assert _facts_audit({"trained_against": fed}, mode="default-v2")["certification"]["certifies"]
+    assert _facts_audit({"trained_against": fed}, attack_seed=7)["certification"]["certifies"]
+    assert _facts_audit({"trained_against": None})["certification"]["certifies"]
+
+
+def test_a_guard_that_never_passed_blocks_certification():
+    audit = _facts_audit({"guard_passed": False, "trained_against": None})
+    assert audit["verdict"]["status"] == "passed"
+    assert audit["certification"]["problems"] == [
+        "the protection's guard never passed (original-domain metric below the source's)"]
+    assert _facts_audit({"guard_passed": None})["certification"]["certifies"]  # a model without a guard (source)
+
+
+def test_recheck_recomputes_what_the_dict_claims():
+    from sophon_ray.audit.driver import recheck
+
+    audit = _facts_audit({})
+    assert recheck(audit)["certification"] == audit["certification"] == {"certifies": True, "problems": []}
+    forged = {**audit, "trials": [t for t in audit["trials"] if t["subject"] != "original"]}  # no control left
+    assert forged["certification"]["certifies"] and not recheck(forged)["certification"]["certifies"]
+    assert not recheck({"format": "x"})["certification"]["certifies"]

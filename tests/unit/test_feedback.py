@@ -186,14 +186,20 @@ def test_the_strongest_recipes_are_the_ones_behind_the_largest_residuals():
               _trial(2, rms, {"10": 0.9, "25": 0.99}, status="failed"), _trial(0, adam, {"10": 0.3, "25": 0.8}, "scratch")]
     audit = _audit(trials, {"10": 0.4, "25": 0.1})
     got = winners(audit, top=3)
+    # pairs scored by their advantage over scratch's worst: r01@10 0.4, r00@10 0.2, r00@25 0.1, r01@25 0.05;
+    # each recipe once, at its strongest budget
     assert [(w["budget"], w["steps"], w["total"], w["trial"]) for w in got] == [
-        (10, 10, 25, "protected-r01-s0"), (25, 25, 25, "protected-r00-s0")]
+        (10, 10, 25, "protected-r01-s0"), (10, 10, 25, "protected-r00-s0")]
+    assert [round(w["score"], 6) for w in got] == [0.4, 0.2]
     assert [w["budget"] for w in winners(audit, top=1)] == [10]
-    # no budget above epsilon: the one with the largest residual still feeds back
-    assert [w["budget"] for w in winners(_audit(trials, {"10": 0.01, "25": 0.015}), top=3)] == [25]
+    # --feedback K is not capped by the number of budgets: K distinct recipes from one budget
+    many = [_trial(i, {**adam, "lr": 1e-3 * (i + 1)}, {"10": 0.4 + 0.01 * i, "25": 0.9}) for i in range(5)]
+    assert len(winners(_audit(many + trials[3:], {"10": 0.4, "25": 0.1}), top=4)) == 4
+    # no budget above epsilon: the one with the largest residual still feeds back, both recipes
+    assert [w["budget"] for w in winners(_audit(trials, {"10": 0.01, "25": 0.015}), top=3)] == [25, 25]
     # epochs: the horizon and the schedule's length are the trial's optimizer steps
     epochs = [_trial(0, adam, {"10": 0.5, "25": 0.9}, step_budgets=[40, 100])]
-    assert [(w["steps"], w["total"]) for w in winners(_audit(epochs, {"10": 0.3, "25": 0.2}), 3)] == [(40, 100), (100, 100)]
+    assert [(w["steps"], w["total"]) for w in winners(_audit(epochs, {"10": 0.3, "25": 0.2}), 3)] == [(100, 100)]
     cfg = PipelineConfig(name="t", description="t")
     cfg = cfg.__class__(**{**cfg.__dict__, "attack": cfg.attack.__class__(train_per_class=20)})
     task = tasks.of(cfg)

@@ -19,11 +19,20 @@ from sophon_ray.errors import UserError
     (["harden", "digits", "--smoke", "--source", "x", "--rounds", "2", "--epsilon", "2"], "--epsilon"),
     (["harden", "digits", "--smoke", "--source", "/nonexistent", "--rounds", "2"], "/nonexistent"),
     (["run", "digits", "--smoke", "--rounds", "0"], "--rounds 0"),
+    # every audit flag is checked before the first round (issue 35: a typo used to cost a protection)
+    (["harden", "digits", "--smoke", "--source", "x", "--rounds", "1", "--suite", "no-such-suite"], "no-such-suite"),
+    (["harden", "digits", "--smoke", "--source", "x", "--rounds", "1", "--seeds", "0"], "--seeds 0"),
+    (["harden", "digits", "--smoke", "--source", "x", "--rounds", "1", "--search", "0"], "--search 0"),
+    (["harden", "digits", "--smoke", "--source", "x", "--rounds", "1", "--suite", "paper-v1", "--search", "9"],
+     "fixed protocol"),
+    (["run", "digits", "--smoke", "--suite", "no-such-suite"], "no-such-suite"),
+    (["run", "digits", "--smoke", "--rounds", "1", "--seeds", "0"], "--seeds 0"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys):
     rc = main([*argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "out").exists()  # refused before anything was claimed or written
 
 
 def _model_dir(path):

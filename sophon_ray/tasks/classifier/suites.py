@@ -6,6 +6,8 @@ old audit can always be re-run with the recipes it used.
 
 from __future__ import annotations
 
+import dataclasses
+
 from sophon_ray.config import Recipe
 from sophon_ray.errors import UserError
 from sophon_ray.tasks.base import SuiteProtocol
@@ -145,12 +147,32 @@ SCREEN_V1: tuple[Recipe, ...] = (
     R("direct-all", "sgd", 1e-4, 32),
 )
 
+# Issue 36's fixed judge of protection objectives, beyond the simulated horizon (`--budgets 10,25,100`):
+# screen-v1 plus two attackers that train on their whole 100 images as one batch (a batch size the
+# default FTS environments never draw: 16 / 32 / 64; one such recipe broke the 16x model at 25 steps).
+HORIZON_V1: tuple[Recipe, ...] = SCREEN_V1 + (
+    R("direct-all", "adam", 1e-3, 100),
+    R("direct-all", "rmsprop", 1e-3, 100),
+)
+# ... and the paper protocol's threats that break protections: its adaptive optimizers at lr 1e-4
+# (adam, adagrad, and rmsprop, which an independent check used) and momentum at 1e-3, 20 epochs on
+# the whole restricted split. A protocol suite: recorded, never certifies.
+PAPER_ADAPTIVE_V1: tuple[Recipe, ...] = (
+    R("direct-all", "adam", 1e-4, 200, **_PAPER),
+    R("direct-all", "adagrad", 1e-4, 200, **_PAPER),
+    R("direct-all", "rmsprop", 1e-4, 200, **_PAPER),
+    R("direct-all", "momentum", 1e-3, 200, **_PAPER),
+)
+PAPER_ADAPTIVE_V1_PROTOCOL = dataclasses.replace(
+    PAPER_V1_PROTOCOL, note="paper-v1's adaptive recipes + momentum 1e-3 (issue 36's judge): recorded, never certifies")
+
 DEFAULT_SUITE = "default-v1"
 SUITES: dict[str, tuple[Recipe, ...]] = {"quick-v1": QUICK_V1, "quick-v2": QUICK_V2, "quick-v3": QUICK_V3,
                                          "default-v1": DEFAULT_V1, "test-v1": TEST_V1, "paper-v1": PAPER_V1,
                                          "default-v2": DEFAULT_V2,
-                                         "screen-v1": SCREEN_V1}
-PROTOCOLS: dict[str, SuiteProtocol] = {"paper-v1": PAPER_V1_PROTOCOL}
+                                         "screen-v1": SCREEN_V1, "horizon-v1": HORIZON_V1,
+                                         "paper-adaptive-v1": PAPER_ADAPTIVE_V1}
+PROTOCOLS: dict[str, SuiteProtocol] = {"paper-v1": PAPER_V1_PROTOCOL, "paper-adaptive-v1": PAPER_ADAPTIVE_V1_PROTOCOL}
 
 
 def get_suite(name: str) -> tuple[Recipe, ...]:

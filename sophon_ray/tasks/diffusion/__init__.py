@@ -325,13 +325,19 @@ class DiffusionTask(Task):
     def audit_extras(self, audit: dict[str, Any], subjects: dict[str, str | None], out: Path, log: Log = print,
                      enabled: bool = True, judge_dir: str | Path | None = None) -> dict[str, Any]:
         """After a diffusion audit: `sample_report` with the strongest recipe against the protected model,
-        or, when disabled (`--no-samples`, `diffusion.samples=0`), a samples.json saying so and how to make them."""
+        fine-tuned for the optimizer steps the audit's largest budget meant (`attack_steps`: an epoch
+        suite's budget in steps, from the trial's `step_budgets`), or, when disabled (`--no-samples`,
+        `diffusion.samples=0`), a samples.json saying so and how to make them."""
         from sophon_ray.outputs import write_json_atomic
-        from sophon_ray.tasks.diffusion.samples import sample_report, strongest_recipe
+        from sophon_ray.tasks.diffusion.samples import attack_steps, sample_report, strongest_trial
 
-        recipe = strongest_recipe(audit)
+        trial = strongest_trial(audit)
+        recipe = None if trial is None else Recipe(**trial["recipe"])
+        length = None if trial is None else attack_steps(audit, trial)
         why = ("--no-samples" if not enabled else "diffusion.samples=0" if self.settings.samples < 1
-               else "no ok trial of the protected model" if recipe is None else None)
+               else "no ok trial of the protected model" if recipe is None
+               else "the strongest trial does not record the optimizer steps of its epoch budgets" if length is None
+               else None)
         if why is not None:
             info = {"skipped": f"sample grids and the judge metric were skipped ({why}); make them with "
                                f"`sophon-ray samples {self.cfg.name} --model {subjects.get('protected')} "
@@ -339,6 +345,7 @@ class DiffusionTask(Task):
             write_json_atomic(Path(out) / "samples.json", info)
             log(f"samples: {info['skipped']}")
             return info
+        steps, budget = length
         log(f"samples: fine-tune every subject with the strongest recipe ({recipe.strategy} {recipe.optimizer} "
-            f"lr {recipe.lr:g}) and sample {self.settings.samples} images each")
-        return sample_report(self, subjects, out, recipe, judge_dir=judge_dir, log=log)
+            f"lr {recipe.lr:g}) for {steps} steps{f' ({budget})' if budget else ''} and sample {self.settings.samples} images each")
+        return sample_report(self, subjects, out, recipe, steps=steps, judge_dir=judge_dir, log=log, budget=budget)

@@ -104,11 +104,14 @@ def _judge_for(task: DiffusionTask, judge_dir: Path, log: Log) -> tuple[torch.nn
 def sample_report(
     task: DiffusionTask, subjects: dict[str, str | Path | None], out: str | Path, recipe: Recipe,
     steps: int | None = None, judge_dir: str | Path | None = None, log: Log = print, t: tasks.Tensors | None = None,
+    budget: str | None = None,
 ) -> dict[str, Any]:
     """Sample grids and the judge metric before and after a real attack, written to `out/samples.json`.
 
     Every subject (name -> model dir, None = scratch) is fine-tuned with `recipe` (seed 0) for `steps`
-    (default: the largest budget); `diffusion.samples` DDPM samples are drawn from each subject as it is
+    optimizer steps (default: the pipeline's largest budget; after an audit, `attack_steps`: what its
+    largest budget meant in steps, also for an epoch suite such as paper-v1); `budget` (e.g. "the
+    audit's 20 epochs") is recorded beside them. `diffusion.samples` DDPM samples are drawn from each subject as it is
     (models only, not scratch) and after the attack, saved as PNG grids `samples-<subject>-<before|after>.png`
     and, with a judge (`diffusion.judge`, trained once into `judge_dir`, default `out/judge`), labelled:
     `recognised` is the fraction the judge accepts (top probability >= `diffusion.judge_confidence`,
@@ -116,7 +119,7 @@ def sample_report(
     does not accept as any digit; `judge.on_noise` records the same on pure noise images.
 
     Returns:
-        The samples.json dict: recipe, steps, judge, and per subject {"before"|"after": {"grid",
+        The samples.json dict: recipe, steps[, budget], judge, and per subject {"before"|"after": {"grid",
         "recognised"}, "restricted_test_mse"}.
     """
     cfg, s = task.cfg, task.settings
@@ -153,18 +156,49 @@ def sample_report(
             f", recognised as restricted: {row.get('before', {}).get('recognised', float('nan')):.2f} before, "
             f"{row['after']['recognised']:.2f} after ({row['after']['rejected']:.2f} rejected as no digit)")
         log(f"samples {name}: {steps} attack steps{judged} ({time.perf_counter() - start:.0f}s)")
-    result = {"recipe": dataclasses.asdict(recipe), "steps": steps, "samples": s.samples, "sample_steps": s.sample_steps,
+    result = {"recipe": dataclasses.asdict(recipe), "steps": steps, **({"budget": budget} if budget else {}),
+              "samples": s.samples, "sample_steps": s.sample_steps,
               "judge": judge_info, "subjects": rows}
     write_json_atomic(out / "samples.json", result)
     return result
 
 
-def strongest_recipe(audit: dict[str, Any], subject: str = "protected") -> Recipe | None:
-    """The recipe of the subject's ok seed-0 trial with the lowest restricted MSE at any budget."""
+def strongest_trial(audit: dict[str, Any], subject: str = "protected") -> dict[str, Any] | None:
+    """The subject's ok seed-0 trial record with the lowest restricted MSE at any budget (None: none)."""
     best: tuple[float, dict[str, Any]] | None = None
     for trial in audit["trials"]:
         values = [v for v in trial["curve"].values() if v is not None]
         if trial["subject"] == subject and trial["status"] == "ok" and trial["seed"] == 0 and values:
             if best is None or min(values) < best[0]:
-                best = (min(values), trial["recipe"])
-    return None if best is None else Recipe(**best[1])
+                best = (min(values), trial)
+    return None if best is None else best[1]
+
+
+def strongest_recipe(audit: dict[str, Any], subject: str = "protected") -> Recipe | None:
+    """The recipe of `strongest_trial` (None: no ok trial of the subject)."""
+    trial = strongest_trial(audit, subject)
+    return None if trial is None else Recipe(**trial["recipe"])
+
+
+def attack_steps(audit: dict[str, Any], trial: dict[str, Any] | None = None) -> tuple[int, str | None] | None:
+    """How long the sample grids' attack runs after an audit, so that they show what the audit's
+    attacker reached: (optimizer steps of the audit's largest budget, that budget in words where it
+    is not in steps, e.g. "the audit's 20 epochs"; None for a steps audit).
+
+    The trial's `step_budgets` (what its budgets meant in optimizer steps: an epoch budget is
+    floor(images / batch size) steps of its recipe) give the steps; without them the budgets must be
+    steps already. `trial`: the attack the grids repeat (default: `strongest_trial`).
+    Returns None where an epoch audit's trial does not record its step budgets.
+    """
+    from sophon_ray.tasks.base import budget_label, unit_of
+
+    budgets, unit = [int(b) for b in audit["budgets"]], unit_of(audit)
+    trial = trial if trial is not None else strongest_trial(audit)
+    step_budgets = (trial or {}).get("step_budgets")
+    if step_budgets and len(step_budgets) == len(budgets):
+        steps = int(step_budgets[budgets.index(max(budgets))])
+    elif unit == "steps":
+        steps = max(budgets)
+    else:
+        return None
+    return steps, (None if unit == "steps" else f"the audit's {budget_label(max(budgets), unit)}")
