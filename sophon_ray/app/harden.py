@@ -237,7 +237,7 @@ def _round(cfg: PipelineConfig, r: int, root: Path, source: Path, src_sha: str, 
 def _fed_by(cfg: PipelineConfig, records: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, Any] | None:
     """What a round's weights trained against (its card's `lineage.fed_by`): the audit mode and attack
     seed of the earlier rounds whose strongest recipes were fed back. An audit of the same mode and
-    attack seed does not certify these weights (`audit.driver.certification`); None for round 1."""
+    attack seed does not certify these weights (`audit.certify.certification`); None for round 1."""
     from sophon_ray.audit.driver import audit_mode
 
     rounds = [rec["round"] for rec in records if rec["fed_back"]]

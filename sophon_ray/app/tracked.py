@@ -6,7 +6,7 @@ audit trials reach MLflow through a Tune callback on the driver. The store and e
 created before any Ray worker or trial starts. Registration happens only after a run
 succeeded: protect registers a new version with alias `candidate`; an audit of that exact
 sha256 is recorded on it, and the alias `audited` is set only by an audit whose status is `passed`,
-that meets the recorded minimum (`audit.driver.certification`) and that no earlier failed audit
+that meets the recorded minimum (`audit.certify.certification`) and that no earlier failed audit
 of the same weights outdoes in any respect (`tracking.registry.decide`).
 
 Metric names say what they measure: per-iteration protection metrics are logged as

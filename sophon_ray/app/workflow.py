@@ -61,7 +61,7 @@ def run_pipeline(
     sample grids and judge them (judge cached in `root/judge`). `source`: a local model directory
     to protect instead of pretraining one (`sophon-ray run --source`; checked against the pipeline first).
     `standard_cfg`: the pipeline as written (not smoke, no overrides), the budget standard a
-    certifying audit is held to (`audit.driver.standard_of`; the CLI passes it). `rounds`: protect
+    certifying audit is held to (`audit.certify.standard_of`; the CLI passes it). `rounds`: protect
     and audit become the hardening loop in `root/harden` (`app.harden`, `feedback` recipes fed back
     per round; `force` as the CLI's --force); None: one protection, one audit. `paper`: then a
     second audit of the protected model with the SOPHON paper's protocol (`paper-v1`: its own

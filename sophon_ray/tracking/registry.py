@@ -18,7 +18,7 @@ Version tags written here:
   largest budget in steps, attacker data, epsilon no laxer), so weights cannot be re-audited more
   weakly until something passes: a failed 20-epoch paper-v1 audit (about 440 steps on the whole
   split) blocks a passing 50-step audit on 10 images per class. The alias `audited` is on the version iff some certifying audit (status `passed` and the
-  recorded minimum, see `audit.driver.certification`) is blocked by no failed one; the strongest
+  recorded minimum, see `audit.certify.certification`) is blocked by no failed one; the strongest
   such decides. Otherwise the strongest audit that does not certify decides (strength first,
   outcome second, the later one on a tie). A weaker later audit never overrides a stronger
   earlier one; it is recorded and `record_audit` says so.
@@ -257,7 +257,7 @@ def recorded_audits(mv: Any) -> list[dict[str, Any]]:
 
 def _check_pipeline(audit: dict[str, Any], mv: Any, name: str) -> None:
     """UserError for an audit run under another pipeline than the version's, unless its standard
-    took the version's pipeline into account (`audit.driver.standard_of`: "covers")."""
+    took the version's pipeline into account (`audit.certify.standard_of`: "covers")."""
     want = (mv.tags or {}).get("pipeline")
     got = audit.get("pipeline")
     covers = ((audit.get("strength") or {}).get("standard") or {}).get("covers") or []

@@ -28,7 +28,7 @@ SUITE_DIFFUSION_V1: tuple[Recipe, ...] = (
 )
 # diffusion-v1 plus the strongest recipe of the seeded `--search 32` audit of digits-diffusion
 # (rmsprop lr 2.7e-4, batch 64, warm-up): 16 recipes, the minimum an audit needs to certify
-# (`audit.driver.MINIMUM`), which diffusion-v1's 15 missed, so no default diffusion run could certify.
+# (`audit.certify.MINIMUM`), which diffusion-v1's 15 missed, so no default diffusion run could certify.
 SUITE_DIFFUSION_V2: tuple[Recipe, ...] = SUITE_DIFFUSION_V1 + (R("all", "rmsprop", 3e-4, 64, schedule="warmup"),)
 # 2 recipes, for tests and `sophon-ray run --smoke` only.
 SUITE_DIFFUSION_TEST_V1: tuple[Recipe, ...] = (
