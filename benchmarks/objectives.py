@@ -11,6 +11,12 @@ every point). Prints a markdown table (objective, iterations, protection loop se
 accuracy, then per audit budget: the control's gap (source - scratch), the protected model's
 residual (protected - scratch) and removed = 1 - residual / gap, and each audit's status and
 margin) and plots removed per budget, one group of bars per objective.
+
+    .venv/bin/python benchmarks/objectives.py --cost SOURCE_DIR
+
+instead times two FTS steps (`Protection.fts_step`, in-process, the machine's threads) of
+mnist-to-digits from SOURCE_DIR at the comparison's settings (K 20, loss after every 4th step, E 2)
+with each term on and off: the per-step cost ratios that set the equal-compute iteration counts.
 """
 
 from __future__ import annotations
@@ -88,11 +94,43 @@ def plot(points: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+TERMS = {"sophon": [], "progress bound": ["protect.tail_weight=1.0"],
+         "curvature": ["protect.curv_weight=1.0", "protect.curv_scale=5.0"], "coupling": ["protect.couple_weight=1.0"]}
+
+
+def cost(source: str, steps: int = 2) -> None:
+    """Seconds per FTS step with each term on, and the ratio to SOPHON's (printed as a table)."""
+    import time
+
+    from sophon_ray import tasks
+
+    base = ["protect.inner_steps=20", "protect.query_every=4"]
+    rows = []
+    for label, extra in TERMS.items():
+        task = tasks.of(tasks.get_pipeline("mnist-to-digits", overrides=[*base, *extra]))
+        t = task.load_tensors()
+        model, _ = task.load_for(source, t)
+        prot = task.build_protection(model, t, task.original_metric(model, t))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            prot.fts_step(0)
+        rows.append((label, (time.perf_counter() - t0) / steps))
+    print("| term | s / FTS step | vs SOPHON |\n|---|---|---|")
+    for label, sec in rows:
+        print(f"| {label} | {sec:.2f} | {sec / rows[0][1]:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("points", nargs="+", metavar="LABEL:MODEL_DIR:AUDIT_DIR[:AUDIT_DIR...]")
-    ap.add_argument("--out", type=Path, required=True, help="the plot (png)")
+    ap.add_argument("points", nargs="*", metavar="LABEL:MODEL_DIR:AUDIT_DIR[:AUDIT_DIR...]")
+    ap.add_argument("--out", type=Path, help="the plot (png)")
+    ap.add_argument("--cost", metavar="SOURCE_DIR", help="time one FTS step per term instead")
     args = ap.parse_args()
+    if args.cost:
+        cost(args.cost)
+        return
+    if not args.points or args.out is None:
+        ap.error("give the points and --out (or --cost SOURCE_DIR)")
     points = [point(s) for s in args.points]
     print(table(points))
     plot(points, args.out)
