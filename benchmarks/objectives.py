@@ -16,7 +16,8 @@ margin) and plots removed per budget, one group of bars per objective.
 
 instead times two FTS steps (`Protection.fts_step`, in-process, the machine's threads) of
 mnist-to-digits from SOURCE_DIR at the comparison's settings (K 20, loss after every 4th step, E 2)
-with each term on and off: the per-step cost ratios that set the equal-compute iteration counts.
+with each term on and off: the per-step cost ratios that set the equal-compute iteration counts,
+and each term's value (e.g. the curvature κ that `curv_scale` is set against).
 """
 
 from __future__ import annotations
@@ -112,12 +113,12 @@ def cost(source: str, steps: int = 2) -> None:
         model, _ = task.load_for(source, t)
         prot = task.build_protection(model, t, task.original_metric(model, t))
         t0 = time.perf_counter()
-        for _ in range(steps):
-            prot.fts_step(0)
-        rows.append((label, (time.perf_counter() - t0) / steps))
-    print("| term | s / FTS step | vs SOPHON |\n|---|---|---|")
-    for label, sec in rows:
-        print(f"| {label} | {sec:.2f} | {sec / rows[0][1]:.2f}x |")
+        ms = [prot.fts_step(0) for _ in range(steps)]
+        rows.append((label, (time.perf_counter() - t0) / steps, ms[-1]))
+    print("| term | s / FTS step | vs SOPHON | the term's value (last step) |\n|---|---|---|---|")
+    for label, sec, m in rows:
+        value = " ".join(f"{k} {v:.3g}" for k, v in m.items() if k in ("fts_tail", "fts_curv", "fts_couple")) or "-"
+        print(f"| {label} | {sec:.2f} | {sec / rows[0][1]:.2f}x | {value} |")
 
 
 def main() -> None:

@@ -240,7 +240,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from sophon_ray import tasks
     from sophon_ray.app.workflow import run_pipeline
-    from sophon_ray.audit.driver import check_audit_flags, check_thresholds
+    from sophon_ray.audit.driver import check_audit_flags, check_thresholds, run_suite
     from sophon_ray.audit.verdict import audit_table, headline, meaning
     from sophon_ray.outputs import claim_run
     from sophon_ray.tracking import resolve_uri
@@ -251,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers}: must be >= 0 (0 = in-process)")
     check_thresholds(cfg, args.epsilon, args.min_gap)
     _check_rounds(args)
-    suite = args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite)
+    suite = run_suite(task, args.suite, args.search, args.smoke)
     check_audit_flags(cfg, suite=suite, search=args.search, seeds=args.seeds, smoke=args.smoke)  # before anything is claimed
     root = claim_run(Path(args.out) if args.out else Path("out") / _name(args.pipeline), force=args.force)
     summary = run_pipeline(
@@ -331,7 +331,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     strongest recipes fed back, audit (Ray Tune), until `passed` or --rounds rounds."""
     from sophon_ray import tasks
     from sophon_ray.app.harden import harden
-    from sophon_ray.audit.driver import check_audit_flags, check_thresholds
+    from sophon_ray.audit.driver import check_audit_flags, check_thresholds, run_suite
     from sophon_ray.audit.verdict import audit_table, headline
 
     cfg = tasks.get_pipeline(args.pipeline, args.smoke, args.overrides)
@@ -342,12 +342,12 @@ def cmd_harden(args: argparse.Namespace) -> int:
         raise UserError("harden needs --rounds N (the most rounds to run; it stops earlier at a passed audit)")
     _check_rounds(args)
     check_thresholds(cfg, args.epsilon, args.min_gap)
-    suite = args.suite or (None if args.search else task.smoke_suite if args.smoke else task.run_suite)
+    suite = run_suite(task, args.suite, args.search, args.smoke)
     check_audit_flags(cfg, suite=suite, search=args.search, seeds=args.seeds, smoke=args.smoke)  # before anything is claimed
     root = _out(args, "harden", "harden")
     summary = harden(
         cfg, root, source=_model(args.source), rounds=args.rounds, feedback=args.feedback, workers=args.workers,
-        suite=args.suite, search=args.search, seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon,
+        suite=suite, search=args.search, seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon,
         min_gap=args.min_gap, smoke=args.smoke, samples=not args.no_samples, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
         verbose=args.verbose, force=args.force, standard_cfg=_standard(args.pipeline), log=_log,

@@ -145,14 +145,13 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
         "protected", "audit_dir": the last round's paths, "plot": removed.png, "state": harden.json}.
     """
     from sophon_ray import tracking
-    from sophon_ray.audit.driver import check_audit_flags, resolve_min_gap
+    from sophon_ray.audit.driver import check_audit_flags, resolve_min_gap, run_suite
     from sophon_ray.train.driver import init_ray
 
     task = tasks.of(cfg)
     if rounds < 1 or feedback < 1:
         raise UserError(f"--rounds {rounds} / --feedback {feedback}: each must be at least 1")
-    if search is None:
-        suite = suite or (task.smoke_suite if smoke else task.run_suite)
+    suite = run_suite(task, suite, search, smoke)
     protocol = check_audit_flags(cfg, suite=suite, search=search, seeds=seeds, smoke=smoke)[0]  # before any round
     epsilon = task.epsilon if epsilon is None else epsilon
     min_gap = resolve_min_gap(cfg, min_gap)

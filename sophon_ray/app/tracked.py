@@ -87,8 +87,9 @@ def protect(cfg: PipelineConfig, source: str, out: Path, log: Log, *, model_name
                                     fed_by=fed_by, **distributed)
         else:
             d = task.protect(source, out, log=log, on_metrics=record, start=start, fed_by=fed_by)
-        run.log_metrics(_final_metrics(d))
-        run.set_tags({"guard_passed": str(bool(json.loads((d / "metrics.json").read_text()).get("guard_passed", True))).lower()})
+        final = _final_metrics(d)
+        run.log_metrics(final)
+        run.set_tags({"guard_passed": str(bool(final.get("guard_passed", 1.0))).lower()})
         run.log_model_dir(d)
         card = read_card(d)
         version = tracking.register_protected(d, model_name or default_model_name(cfg), run.run_id, source=str(source_ref or source),

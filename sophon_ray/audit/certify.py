@@ -138,16 +138,13 @@ def ran(trials: list[dict[str, Any]]) -> dict[str, int]:
     return {"recipes": len({i for i, _ in planned}), "reruns": len(rerun), "seeds": seeds}
 
 
-def measured(trials: list[dict[str, Any]], budgets: list[int], unit: str, attacker_data: str | None) -> dict[str, Any]:
-    """Strength in units that compare across protocols: "max_steps", the largest budget in optimizer
-    steps (the trials' `step_budgets`; the budgets themselves where they are steps and no trial says),
-    and "attacker_images" (the attacker's restricted images per class; None = the whole split)."""
+def max_steps(trials: list[dict[str, Any]], budgets: list[int], unit: str) -> int | None:
+    """The largest budget in optimizer steps, a unit that compares across protocols: from the trials'
+    `step_budgets`; the budgets themselves where they are steps and no trial says."""
     steps = [int(x) for t in trials for x in (t.get("step_budgets") or ())]
     if not steps and unit == "steps":
         steps = [int(b) for b in budgets]
-    data = str(attacker_data or "")
-    images = None if not data or data.startswith("full") else int(data.split()[0]) if data.split()[0].isdigit() else None
-    return {"max_steps": max(steps) if steps else None, "attacker_images": images}
+    return max(steps) if steps else None
 
 
 def certification(verdict: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from sophon_ray.config import recipe_label
 from sophon_ray.config import PipelineConfig
 from sophon_ray.errors import UserError
 from sophon_ray.audit.certify import (  # noqa: F401 (re-exported: tests and callers import them from here)
-    FLOOR_STEPS, MINIMUM, certification, measured, model_facts, ran, standard_of,
+    MINIMUM, certification, max_steps, model_facts, ran, standard_of,
 )
 
 FORMAT = "sophon-ray/audit@1"
@@ -109,6 +109,12 @@ def _parse_fault(fault_trial: Any) -> tuple[str, str] | None:
         return (text, mode or "once")
     text, mode = fault_trial
     return (str(text), str(mode))
+
+
+def run_suite(task: tasks.Task, suite: str | None, search: int | None, smoke: bool) -> str | None:
+    """The suite `run` and `harden` audit with: the one given, else (without --search) the kind's
+    `run_suite` (`smoke_suite` with --smoke); with --search, only a suite given to start it from."""
+    return suite or (None if search is not None else task.smoke_suite if smoke else task.run_suite)
 
 
 def audit_mode(task: tasks.Task, suite: str | None, search: int | None) -> str:
@@ -321,7 +327,7 @@ def strength(plan: Plan, trials: list[dict[str, Any]], total: int, epsilon: floa
     Recipes and seeds come from the trial records (`ran`), not from what was asked: an audit whose
     re-runs did not happen (top_k=0, or none planned) records 1 seed whatever --seeds said
     (`seeds_requested`). The largest budget in optimizer steps and the attacker's images per class
-    (`measured`) compare across protocols. The standard: the strictest largest budget of the pipeline
+    (`max_steps`, `attack.train_per_class`) compare across protocols. The standard: the strictest largest budget of the pipeline
     as written, the model's card and the kind's floor (`plan.standard`, see `standard_of`), the kind's
     default epsilon and min_gap, and MINIMUM. What the model's files say (`model_facts`: the guard,
     the recipes a hardening round trained on) is recorded beside it, with this audit's feed key.
@@ -334,7 +340,8 @@ def strength(plan: Plan, trials: list[dict[str, Any]], total: int, epsilon: floa
     return {"mode": plan.mode, "recipes": counted["recipes"], "recipes_planned": n_explore, "trials": total,
             "reruns": counted["reruns"], "seeds": counted["seeds"], "seeds_requested": plan.seeds,
             "budgets": budgets, "unit": protocol.unit, "suite_certifies": protocol.certifies,
-            **measured(trials, budgets, protocol.unit, protocol_record(plan)["attacker_data"]),
+            "max_steps": max_steps(trials, budgets, protocol.unit),
+            "attacker_images": plan.cfg.attack.train_per_class,  # per class; None: the whole split
             "attack_seed": int(plan.cfg.attack.seed), "epsilon": epsilon, "min_gap": min_gap, "smoke": bool(smoke),
             "subjects": sorted(plan.subjects), "model": dict(plan.model_facts or {}),
             "standard": {**std, "epsilon": task.epsilon, "min_gap": task.min_gap, **MINIMUM}}
@@ -358,8 +365,7 @@ def recheck(audit: dict[str, Any]) -> dict[str, Any]:
         v = verdict(worst_case(trials, metric), float(old["epsilon"]), metric, failed_trials=failed,
                     min_gap=float(old["min_gap"]))
         s.update(ran(trials))
-        s.update(measured(trials, list(audit["budgets"]), s.get("unit", "steps"),
-                          (audit.get("protocol") or {}).get("attacker_data")))
+        s["max_steps"] = max_steps(trials, list(audit["budgets"]), s.get("unit", "steps"))
         return {"verdict": v, "strength": s, "certification": certification(v, s)}
     except (KeyError, TypeError, ValueError) as e:
         why = f"the audit dict cannot be re-checked ({type(e).__name__}: {e})"

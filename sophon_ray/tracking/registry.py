@@ -190,7 +190,7 @@ def _summary(audit: dict[str, Any], audit_run_id: str | None) -> dict[str, Any]:
     again = recheck(audit)
     v, s = again["verdict"], again["strength"]
     steps = s.get("max_steps")
-    images = s.get("attacker_images")
+    images = s.get("attacker_images", 10)  # audits recorded before the field: 10 per class (docs/design.md)
     return {"run": audit_run_id or "", "status": v.get("status") or ("passed" if v.get("passed") else "failed"),
             "certifies": bool(again["certification"]["certifies"]),
             "recipes": int(s.get("recipes") or 0), "trials": int(s.get("trials") or len(audit.get("trials") or [])),

@@ -184,7 +184,7 @@ def test_a_pipeline_file_cannot_lower_the_standard_of_a_bundled_model(tmp_path):
 def test_the_kind_floor_holds_for_a_users_own_data(tmp_path):
     """A pipeline of the user's own data matches no bundled one: its own budgets, but never below
     the kind's floor (FLOOR_STEPS)."""
-    from sophon_ray.audit.driver import FLOOR_STEPS
+    from sophon_ray.audit.certify import FLOOR_STEPS
 
     (tmp_path / "own.yaml").write_text("name: own\nbase: digits\ninput: {size: 12}\nattack: {budgets: [5, 10]}\n")
     written = load(tmp_path / "own.yaml", smoke=False)

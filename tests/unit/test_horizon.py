@@ -31,18 +31,10 @@ from sophon_ray.core.objectives import ClassificationObjective
 from sophon_ray.core.protect import Protection, ProtectData, validate_config
 from sophon_ray.errors import UserError
 
+from tests.tiny import Tiny
+
 OBJ = ClassificationObjective(ice_neg)
 NEW_FIELDS = ("tail_weight", "tail_ratio_max", "curv_weight", "curv_eps", "curv_scale", "couple_weight", "couple_eps")
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh())
-        self.head = torch.nn.Linear(12, 3)
-
-    def forward(self, x):  # (B, 6) -> (B, 3)
-        return self.head(self.body(x))
 
 
 def _tiny(dtype=torch.float64) -> Tiny:

@@ -42,19 +42,11 @@ from sophon_ray.core.losses import ice_neg
 from sophon_ray.core.objectives import ClassificationObjective
 from sophon_ray.core.protect import LazyBatches, Protection, ProtectData, _draw, _seed
 
+from tests.tiny import Tiny
+
 K, LR, BS, QB, NTR = 4, 0.05, 8, 4, 8
 BODY = ("body.0.weight", "body.0.bias")
 HEAD = ("head.weight", "head.bias")
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh())
-        self.head = torch.nn.Linear(12, 3)
-
-    def forward(self, x):  # (B, 6) -> (B, 3)
-        return self.head(self.body(x))
 
 
 def _setup(clip: float, iterations: int = 2):
