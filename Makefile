@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)  ## mnist-to-digits-demo: full audit + the paper's protocol side by side (< 10 min on 2 cores)
 	OMP_NUM_THREADS=1 $(BIN)/sophon-ray run mnist-to-digits-demo --paper
 
-test: $(STAMP)  ## everything but the multi-node cluster tests (< 15 min on 2 cores)
-	$(BIN)/python -m pytest -q -m "not cluster" --durations=15
+test: $(STAMP)  ## unit + integration + e2e but the slow and multi-node ones (< 15 min on 2 cores)
+	$(BIN)/python -m pytest -q -m "not cluster and not slow" --durations=15
 
-test-slow: $(STAMP)  ## the slow tests only, with the two-node Ray cluster tests (~10 min)
+test-slow: $(STAMP)  ## the slow tests only, with the two-node Ray cluster tests (~15 min)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or cluster"
 
 gpu-check-dry: $(STAMP)  ## benchmarks/gpu_check.sh's code paths on CPU at tiny sizes

@@ -15,7 +15,7 @@ margin) and plots removed per budget, one group of bars per objective.
     .venv/bin/python benchmarks/objectives.py --cost SOURCE_DIR
 
 instead times two FTS steps (`Protection.fts_step`, in-process, the machine's threads) of
-mnist-to-digits from SOURCE_DIR at the comparison's settings (K 20, loss after every 4th step, E 2)
+mnist-to-digits (or `--pipeline NAME`, e.g. digits-diffusion) from SOURCE_DIR at the comparison's settings (K 20, loss after every 4th step, E 2)
 with each term on and off: the per-step cost ratios that set the equal-compute iteration counts,
 and each term's value (e.g. the curvature κ that `curv_scale` is set against).
 """
@@ -99,7 +99,7 @@ TERMS = {"sophon": [], "progress bound": ["protect.tail_weight=1.0"],
          "curvature": ["protect.curv_weight=1.0", "protect.curv_scale=5.0"], "coupling": ["protect.couple_weight=1.0"]}
 
 
-def cost(source: str, steps: int = 2) -> None:
+def cost(source: str, pipeline: str = "mnist-to-digits", steps: int = 2) -> None:
     """Seconds per FTS step with each term on, and the ratio to SOPHON's (printed as a table)."""
     import time
 
@@ -108,7 +108,7 @@ def cost(source: str, steps: int = 2) -> None:
     base = ["protect.inner_steps=20", "protect.query_every=4"]
     rows = []
     for label, extra in TERMS.items():
-        task = tasks.of(tasks.get_pipeline("mnist-to-digits", overrides=[*base, *extra]))
+        task = tasks.of(tasks.get_pipeline(pipeline, overrides=[*base, *extra]))
         t = task.load_tensors()
         model, _ = task.load_for(source, t)
         prot = task.build_protection(model, t, task.original_metric(model, t))
@@ -126,9 +126,10 @@ def main() -> None:
     ap.add_argument("points", nargs="*", metavar="LABEL:MODEL_DIR:AUDIT_DIR[:AUDIT_DIR...]")
     ap.add_argument("--out", type=Path, help="the plot (png)")
     ap.add_argument("--cost", metavar="SOURCE_DIR", help="time one FTS step per term instead")
+    ap.add_argument("--pipeline", default="mnist-to-digits", help="--cost: the pipeline SOURCE_DIR was trained for")
     args = ap.parse_args()
     if args.cost:
-        cost(args.cost)
+        cost(args.cost, args.pipeline)
         return
     if not args.points or args.out is None:
         ap.error("give the points and --out (or --cost SOURCE_DIR)")

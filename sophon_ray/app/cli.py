@@ -319,10 +319,11 @@ def _check_rounds(args: argparse.Namespace) -> None:
 
 def _print_rounds(summary: dict[str, Any], audit: dict[str, Any]) -> None:
     from sophon_ray.audit.rounds import removed_table
+    from sophon_ray.tasks.base import unit_of
 
     print(f"\nHardening rounds ({summary['done'] or 'stopped'}; removed = share of the source's advantage over scratch "
           "taken away, per budget):")
-    print(removed_table(summary["rounds"], [int(b) for b in audit["budgets"]]))
+    print(removed_table(summary["rounds"], [int(b) for b in audit["budgets"]], unit_of(audit)))
     print(f"rounds: {summary['state']}  plot: {summary['plot']}")
 
 

@@ -258,16 +258,18 @@ def _log_round(run: Any, rec: dict[str, Any], audit: dict[str, Any], root: Path,
                log: Log) -> None:
     """The round's figures on the harden MLflow run (step = round), the plot and the state as artifacts."""
     from sophon_ray.audit.rounds import plot_removed
+    from sophon_ray.tasks.base import budget_label, unit_of
 
     r = rec["round"]
     run.log_metrics({f"removed_{b}": x for b, x in rec["removed"].items() if x is not None}, step=r)
     run.log_metrics({f"residual_{b}": x for b, x in rec["residual"].items() if x is not None}, step=r)
     run.log_metrics({"margin": rec["margin"], "passed": rec["status"] == "passed",
                      "fed_back": len(rec["fed_back"]), "env_recipes": len(rec["env_recipes"])}, step=r)
-    plot_removed(records, [int(b) for b in audit["budgets"]], root / PLOT)
+    plot_removed(records, [int(b) for b in audit["budgets"]], root / PLOT, unit_of(audit))
     run.log_artifacts(root / PLOT)
     run.log_artifacts(root / STATE)
-    removed = ", ".join(f"{b}: {'-' if x is None else f'{x:.0%}'}" for b, x in rec["removed"].items())
+    removed = ", ".join(f"{budget_label(b, unit_of(audit))}: {'-' if x is None else f'{x:.0%}'}"
+                        for b, x in rec["removed"].items())
     log(f"round {r}: {rec['status']} (margin {rec['margin'] if rec['margin'] is None else format(rec['margin'], '+.3f')}), "
         f"removed {removed}; feeding back {len(rec['fed_back'])} recipe(s): "
         + "; ".join(f"{f['env']['label']}" for f in rec["fed_back"]))

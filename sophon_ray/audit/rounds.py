@@ -99,29 +99,33 @@ def merged(earlier: tuple[Any, ...], new: list[dict[str, Any]]) -> tuple[EnvReci
     return tuple(out)
 
 
-def removed_table(rounds: list[dict[str, Any]], budgets: list[int]) -> str:
-    """Plain text: one row per round (status, margin, removed at each budget)."""
-    head = f"{'round':6s}{'status':14s}{'margin':>9s}" + "".join(f"{f'removed@{b}':>13s}" for b in budgets)
+def removed_table(rounds: list[dict[str, Any]], budgets: list[int], unit: str = "steps") -> str:
+    """Plain text: one row per round (status, margin, removed at each budget, in `unit`)."""
+    from sophon_ray.tasks.base import budget_label
+
+    width = max(13, *(len(budget_label(b, unit)) + 3 for b in budgets))
+    head = f"{'round':6s}{'status':14s}{'margin':>9s}" + "".join(f"{budget_label(b, unit):>{width}s}" for b in budgets)
     rows = [head, "-" * len(head)]
     for r in rounds:
         margin = "-" if r.get("margin") is None else f"{r['margin']:+.3f}"
-        cells = "".join(("-" if r["removed"].get(str(b)) is None else f"{r['removed'][str(b)]:.0%}").rjust(13)
+        cells = "".join(("-" if r["removed"].get(str(b)) is None else f"{r['removed'][str(b)]:.0%}").rjust(width)
                         for b in budgets)
         rows.append(f"{r['round']:<6d}{r['status']:14s}{margin:>9s}{cells}")
     return "\n".join(rows)
 
 
-def plot_removed(rounds: list[dict[str, Any]], budgets: list[int], path: Path) -> str:
+def plot_removed(rounds: list[dict[str, Any]], budgets: list[int], path: Path, unit: str = "steps") -> str:
     """removed (share of the source's advantage over scratch the protection took away) per budget
-    per round, one line per budget; returns the file name."""
+    (in `unit`) per round, one line per budget; returns the file name."""
     from sophon_ray.audit.report import pyplot, save_figure
+    from sophon_ray.tasks.base import budget_label
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["round"] for r in rounds]
     for b in budgets:
         ys = [r["removed"].get(str(b)) for r in rounds]
-        ax.plot(xs, [float("nan") if y is None else y for y in ys], "o-", label=f"budget {b}")
+        ax.plot(xs, [float("nan") if y is None else y for y in ys], "o-", label=budget_label(b, unit))
     ax.axhline(1.0, color="tab:green", ls="--", lw=1, label="all removed")
     ax.axhline(0.0, color="tab:gray", ls=":", lw=1)
     ax.set_xticks(xs, [str(x) for x in xs])

@@ -88,7 +88,7 @@ def _submit(address, env, *args, timeout=900):
     return r
 
 
-@pytest.mark.slow
+# Not marked slow (~90 s): the one `ray job submit` path stays in `make test`.
 def test_ray_job_submit_run_registers_audited_model(ray_head, tmp_path):
     from mlflow import MlflowClient
 

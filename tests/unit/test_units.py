@@ -110,6 +110,24 @@ def test_printed_tables_label_epochs_with_their_steps():
     assert audit_detail_table(audit) == ""
 
 
+def test_harden_rounds_table_and_plot_name_the_unit(tmp_path, monkeypatch):
+    from sophon_ray.audit import report
+    from sophon_ray.audit.rounds import plot_removed, removed_table
+
+    rounds = [{"round": 1, "status": "failed", "margin": 0.2, "removed": {"5": 0.25, "20": None}},
+              {"round": 2, "status": "passed", "margin": -0.01, "removed": {"5": 1.1, "20": 0.5}}]
+    text = removed_table(rounds, [5, 20], "epochs").splitlines()
+    assert text[0].split() == ["round", "status", "margin", "5", "epochs", "20", "epochs"]
+    assert text[2].split()[-2:] == ["25%", "-"] and text[3].split()[-2:] == ["110%", "50%"]
+    assert removed_table(rounds, [5, 20]).splitlines()[0].split()[3:] == ["5", "steps", "20", "steps"]
+    labels = []
+    real = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: (labels.extend(
+        t.get_text() for t in fig.axes[0].get_legend().get_texts()), real(fig, path))[1])
+    plot_removed(rounds, [5, 20], tmp_path / "removed.png", "epochs")
+    assert labels[:2] == ["5 epochs", "20 epochs"] and (tmp_path / "removed.png").stat().st_size > 0
+
+
 def test_side_by_side_and_meaning_name_epochs_and_their_steps():
     paper, full = _audit(steps_per_budget=(22,)), _audit(unit="steps", budgets=(10, 20))
     text = side_by_side([("quick-v3", full), ("paper-v1", paper)])
