@@ -50,8 +50,9 @@ def point(spec: str) -> dict:
             cols.append({"budget": _budget_label(audit, b), "gap": (v.get("gap") or {}).get(b),
                          "residual": (v.get("residual") or {}).get(b), "removed": (v.get("removed") or {}).get(b)})
         cols[-1]["verdict"] = f"{v['status']} {v.get('margin', 0):+.3f}"
-    return {"label": label, "iterations": metrics.get("iterations"), "loop_s": timings_of(model).get("loop"),
-            "orig": metrics.get("original_test_accuracy"), "cols": cols}
+    pipeline = json.loads((Path(model) / "model.json").read_text()).get("pipeline", "?")
+    return {"label": label, "pipeline": pipeline, "iterations": metrics.get("iterations"), "loop_s": timings_of(model).get("loop"),
+            "orig": metrics.get("original_test_accuracy", metrics.get("original_test_mse")), "cols": cols}
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -86,7 +87,7 @@ def plot(points: list[dict], out: Path) -> None:
     ax.axhline(0.0, color="tab:gray", lw=0.8)
     ax.set_xticks([j + width * (len(points) - 1) / 2 for j in range(len(heads))], heads, fontsize=8)
     ax.set(ylabel="removed = 1 - residual / gap",
-           title="FTS objectives at equal compute (mnist-to-digits): share of the source's advantage removed")
+           title=f"FTS objectives at equal compute ({points[0]['pipeline']}): share of the source's advantage removed")
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)

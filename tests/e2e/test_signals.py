@@ -47,7 +47,7 @@ def _interrupt(args, cwd, env, needle, sig, tmp_path, timeout=240):
     return rc, log.read_text()
 
 
-@pytest.mark.slow  # ~40 s: a real audit on a local Ray stopped by Ctrl-C (SIGTERM: the protect test below)
+# ~30 s, not marked slow: the Ctrl-C and SIGTERM behaviour stays in `make test`.
 def test_interrupted_audit_writes_no_verdict_and_keeps_the_alias(tmp_path):
     from mlflow import MlflowClient
 
@@ -74,7 +74,7 @@ def test_interrupted_audit_writes_no_verdict_and_keeps_the_alias(tmp_path):
         assert runs[0].info.status == "KILLED"
 
 
-@pytest.mark.slow  # ~40 s: a real Ray Train protection stopped by SIGTERM
+# ~25 s, not marked slow (see above): a real Ray Train protection stopped by SIGTERM.
 def test_interrupted_protect_writes_no_model(tmp_path):
     env = dict(os.environ)
     src, out = tmp_path / "source", tmp_path / "protected"
