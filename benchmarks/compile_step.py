@@ -287,9 +287,10 @@ def query_bench(args) -> None:
     faster = [qe for qe in settings if qe != ref and med[ref] / med[qe] >= RULE]
     best = max(settings, key=lambda qe: med[ref] / med[qe])
     if faster:
-        verdict = (f"adopt on speed: query_every={max(faster)} is {med[ref] / med[max(faster)]:.2f}x faster than {ref} "
-                   f"(>= {RULE}x), but it changes the FTS objective ({query_points(k, max(faster))} vs "
-                   f"{query_points(k, ref)} query points), so not the same result: keep {ref} until an equal-compute audit says otherwise")
+        f = max(faster)
+        verdict = (f"do not adopt: query_every={f} is {med[ref] / med[f]:.2f}x faster than {ref} (>= {RULE}x), but it "
+                   f"changes the FTS objective ({query_points(k, f)} vs {query_points(k, ref)} query points per "
+                   f"environment), so not the same result; it needs an equal-compute audit comparison first")
     else:
         verdict = (f"do not adopt: no setting is >= {RULE}x faster than query_every={ref} "
                    f"(best: {best}, {med[ref] / med[best]:.2f}x)")
