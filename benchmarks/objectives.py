@@ -50,8 +50,8 @@ def point(spec: str) -> dict:
             cols.append({"budget": _budget_label(audit, b), "gap": (v.get("gap") or {}).get(b),
                          "residual": (v.get("residual") or {}).get(b), "removed": (v.get("removed") or {}).get(b)})
         cols[-1]["verdict"] = f"{v['status']} {v.get('margin', 0):+.3f}"
-    pipeline = json.loads((Path(model) / "model.json").read_text()).get("pipeline", "?")
-    return {"label": label, "pipeline": pipeline, "iterations": metrics.get("iterations"), "loop_s": timings_of(model).get("loop"),
+    card = json.loads((Path(model) / "model.json").read_text())
+    return {"label": label, "pipeline": card.get("pipeline", "?"), "start": (card.get("lineage") or {}).get("start"), "iterations": metrics.get("iterations"), "loop_s": timings_of(model).get("loop"),
             "orig": metrics.get("original_test_accuracy", metrics.get("original_test_mse")), "cols": cols}
 
 
@@ -79,10 +79,10 @@ def plot(points: list[dict], out: Path) -> None:
 
     heads = [c["budget"] for c in points[0]["cols"]]
     width = 0.8 / len(points)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))  # the legend sits right of the bars
     for i, p in enumerate(points):
         ys = [float("nan") if c["removed"] is None else c["removed"] for c in p["cols"]]
-        ax.bar([j + i * width for j in range(len(heads))], ys, width, label=f"{p['label']} ({p['iterations']} it)")
+        ax.bar([j + i * width for j in range(len(heads))], ys, width, label=f"{p['label']} ({p['iterations']} it{' last chunk' if p.get('start') else ''})")
     ax.axhline(1.0, color="tab:green", ls="--", lw=1)
     ax.axhline(0.0, color="tab:gray", lw=0.8)
     ax.set_xticks([j + width * (len(points) - 1) / 2 for j in range(len(heads))], heads, fontsize=8)
@@ -90,7 +90,7 @@ def plot(points: list[dict], out: Path) -> None:
            title=f"FTS objectives at equal compute ({points[0]['pipeline']}): share of the source's advantage removed")
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

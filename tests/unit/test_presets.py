@@ -31,7 +31,7 @@ def test_paper_preset_resolves_to_the_papers_settings_and_a_later_set_wins():
 def test_hardened_preset_is_the_best_measured_compute_and_a_later_set_wins():
     cfg = tasks.get_pipeline("mnist-to-digits", overrides=[*preset_overrides("hardened"), "protect.iterations=200"])
     p = cfg.protect
-    assert (p.inner_steps, p.query_every, p.iterations, p.loss) == (40, 4, 200, "klu")  # the pipeline's loss kept
+    assert (p.inner_steps, p.query_every, p.iterations, p.loss) == (20, 4, 200, "klu")  # the pipeline's loss kept
     assert tasks.get_pipeline("mnist-to-digits", overrides=list(PRESETS["hardened"])).protect.iterations == 800
 
 
