@@ -51,7 +51,8 @@ def point(spec: str) -> dict:
                          "residual": (v.get("residual") or {}).get(b), "removed": (v.get("removed") or {}).get(b)})
         cols[-1]["verdict"] = f"{v['status']} {v.get('margin', 0):+.3f}"
     card = json.loads((Path(model) / "model.json").read_text())
-    return {"label": label, "pipeline": card.get("pipeline", "?"), "start": (card.get("lineage") or {}).get("start"), "iterations": metrics.get("iterations"), "loop_s": timings_of(model).get("loop"),
+    return {"label": label, "pipeline": card.get("pipeline", "?"), "start": (card.get("lineage") or {}).get("start"),
+            "iterations": metrics.get("iterations"), "loop_s": timings_of(model).get("loop"),
             "orig": metrics.get("original_test_accuracy", metrics.get("original_test_mse")), "cols": cols}
 
 

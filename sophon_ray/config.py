@@ -443,8 +443,8 @@ def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
 # suppression loss after every 4th, 800 outer iterations (~35 min on 2 Ray Train workers of the 2-core
 # VM; measured in --start chunks of 100 / 100 / 200 / 400). Under issue 36's target audit (default-v2 +
 # a 64-trial search, 2 seeds, 10 / 25 / 100 steps) it removed 150% / 89% of the source's advantage at
-# 10 / 25 steps (margin +0.022 vs epsilon 0.02: failed) and passed the paper's adaptive recipes at 20
-# epochs; issue 29's K = 40 at the same iterations (16x) did no better (+0.033 at 10 / 25 steps).
+# 10 / 25 steps (margin +0.022 vs epsilon 0.02: failed) and passed the paper's whole suite (paper-v1,
+# 129% at 20 epochs); issue 29's K = 40 at the same iterations (16x) did no better (+0.033 at 10 / 25 steps).
 # Issue 36's long-horizon terms are not in it: none beat SOPHON's objective at equal compute.
 PRESETS: dict[str, tuple[str, ...]] = {
     "hardened": ("protect.inner_steps=20", "protect.query_every=4", "protect.iterations=800"),
