@@ -345,9 +345,15 @@ def cmd_harden(args: argparse.Namespace) -> int:
     check_thresholds(cfg, args.epsilon, args.min_gap)
     suite = run_suite(task, args.suite, args.search, args.smoke)
     check_audit_flags(cfg, suite=suite, search=args.search, seeds=args.seeds, smoke=args.smoke)  # before anything is claimed
+    source, start = _model(args.source), _model(args.start) if args.start else None
+    if start is not None:
+        from sophon_ray.app.harden import check_start
+        from sophon_ray.modeldir import read_card
+
+        check_start(task, read_card(source), Path(start))
     root = _out(args, "harden", "harden")
     summary = harden(
-        cfg, root, source=_model(args.source), rounds=args.rounds, feedback=args.feedback, workers=args.workers,
+        cfg, root, source=source, start=start, rounds=args.rounds, feedback=args.feedback, workers=args.workers,
         suite=suite, search=args.search, seeds=args.seeds, concurrency=args.concurrency, epsilon=args.epsilon,
         min_gap=args.min_gap, smoke=args.smoke, samples=not args.no_samples, model_name=args.model_name,
         ray_address=args.ray_address, storage_path=args.storage_path, gpus_per_worker=args.gpus_per_worker,
@@ -506,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "last audits' strongest attacks fed back, audit (Ray Tune), repeat")
     p.add_argument("pipeline")
     p.add_argument("--source", required=True, help="the unprotected source model (directory or MLflow URI)")
+    p.add_argument("--start", default=None, metavar="MODEL",
+                   help="harden this model protected from --source (e.g. one scaled up with `protect --start`): "
+                        "round 0 audits it, round 1 protects from its weights with round 0's strongest attacks")
     _rounds_flags(p, required=True)
     _audit_flags(p, seeds=2, suite_default="quick-v3, test-v1 with --smoke; "
                  "diffusion: diffusion-v2, diffusion-test-v1 with --smoke")

@@ -9,9 +9,16 @@ control; its FTS environment space is the pipeline's plus, as fixed environments
 round is a registry version with its audit recorded on it, certified by the usual rules. It stops
 at `passed` or after `rounds` rounds.
 
+With `start` (`--start MODEL`, an already protected model of the same source, e.g. one scaled up
+in `protect --start` chunks), the loop hardens that model: round 0 audits it as it is (no
+protection; its record points at the model where it lies, nothing is copied) and feeds its
+strongest recipes into round 1, which protects from its weights. `rounds` counts the protection
+rounds after round 0; a round 0 that passes ends the loop with nothing protected.
+
 Output folder (deterministic names, never timestamps):
   harden.json          the state, written atomically after every finished round
   round-<r>/protected  the round's model;  round-<r>/audit  its audit (audit.json, report.html)
+  round-0/audit        with `start`: the start model's audit (its weights stay where they are)
   removed.png          removed per budget per round (also logged to the MLflow harden run)
   .ray/                Ray Train storage: a round killed mid-protection resumes from its checkpoint
 Re-running the same command continues after the last finished round (a protection that finished
@@ -89,7 +96,7 @@ def _protect(cfg: PipelineConfig, r: int, root: Path, source: Path, start: Path 
 
 
 def _audit(cfg: PipelineConfig, r: int, root: Path, protected: Path, sha: str, opts: dict[str, Any],
-           parent: str, log: Log) -> dict[str, Any]:
+           parent: str, log: Log, subject: str = "") -> dict[str, Any]:
     """The round's audit (skipped when audit.json is there for exactly these inputs)."""
     out = claim(root / f"round-{r}" / "audit", "audit", force=opts["force"])
     keys = ("suite", "search", "seeds", "epsilon", "min_gap", "samples", "smoke")
@@ -97,7 +104,7 @@ def _audit(cfg: PipelineConfig, r: int, root: Path, protected: Path, sha: str, o
     if stage_done(out, stage):
         log(f"round {r}: audit: {out / 'audit.json'} is up to date, skipped")
         return json.loads((out / "audit.json").read_text())
-    log(f"round {r}: audit on Ray Tune")
+    log(f"round {r}: audit{' of ' + subject if subject else ''} on Ray Tune")
     result = tracked.audit(cfg, str(protected), out, log, model_name=opts["model_name"], parent_run_id=parent,
                            suite=opts["suite"], search=opts["search"], seeds=opts["seeds"],
                            concurrency=opts["concurrency"], epsilon=opts["epsilon"], min_gap=opts["min_gap"],
@@ -113,9 +120,10 @@ def _record(r: int, protected: Path, sha: str, audit: dict[str, Any], env_recipe
 
     v = audit["verdict"]
     versions = sorted(ver for name, ver in tracking.versions_with_sha256(sha) if name == model_name)
-    return {"round": r, "model": str(protected.relative_to(root)), "sha256": sha,
+    inside = protected.is_relative_to(root)
+    return {"round": r, "model": str(protected.relative_to(root) if inside else protected), "sha256": sha,
             "version": versions[0] if versions else None,
-            "audit": str((protected.parent / "audit" / "audit.json").relative_to(root)),
+            "audit": str(((protected.parent if inside else root / f"round-{r}") / "audit" / "audit.json").relative_to(root)),
             "status": v["status"], "margin": v.get("margin"), "control_gap": v.get("control_gap"),
             "removed": v.get("removed") or {}, "residual": v.get("residual") or {},
             "certifies": bool((audit.get("certification") or {}).get("certifies")),
@@ -124,7 +132,7 @@ def _record(r: int, protected: Path, sha: str, audit: dict[str, Any], env_recipe
 
 
 def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds: int, feedback: int = 3,
-           workers: int = 2, suite: str | None = None, search: int | None = None, seeds: int = 2,
+           start: str | Path | None = None, workers: int = 2, suite: str | None = None, search: int | None = None, seeds: int = 2,
            concurrency: int | None = None, epsilon: float | None = None, min_gap: float | None = None,
            smoke: bool = False, samples: bool = True, model_name: str | None = None, ray_address: str | None = None,
            storage_path: str | None = None, gpus_per_worker: float = 0.0, verbose: bool = False, force: bool = False,
@@ -134,7 +142,9 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
 
     Args:
         cfg: the pipeline config; root: the output folder (claimed by the caller, kind "harden").
-        source: the unprotected source model directory; rounds: stop after this many rounds.
+        source: the unprotected source model directory; rounds: stop after this many protection rounds.
+        start: a protected model directory of the same source to harden (round 0 audits it; module
+            docstring); None: round 1 protects from the source (or a fresh init).
         feedback: at most this many of each audit's strongest recipes are fed back.
         workers: Ray Train workers (0: in-process); suite, search, seeds, concurrency, epsilon, min_gap,
             smoke, samples, standard_cfg: the audit's, as in `sophon-ray run`.
@@ -158,16 +168,21 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
     root, source = Path(root), Path(source).resolve()
     src_card = read_card(source)
     task.check_compatible(src_card, task.load_tensors().num_classes, str(source))
+    start_card = None
+    if start is not None:
+        start = Path(start).resolve()
+        start_card = check_start(task, src_card, start)
     model_name = model_name or tracked.default_model_name(cfg)
     opts = {"workers": workers, "suite": suite, "search": search, "seeds": seeds, "epsilon": epsilon, "min_gap": min_gap,
             "samples": samples, "smoke": smoke, "concurrency": concurrency, "model_name": model_name,
             "ray_address": ray_address, "storage_path": storage_path, "verbose": verbose,
             "gpus_per_worker": gpus_per_worker, "force": force, "standard_cfg": standard_cfg}
     settings = {k: opts[k] for k in ("workers", "suite", "search", "seeds", "epsilon", "min_gap", "samples", "smoke",
-                                     "model_name")} | {"feedback": feedback, "source_sha256": src_card["sha256"]}
+                                     "model_name")} | {"feedback": feedback, "source_sha256": src_card["sha256"]} | (
+        {"start_sha256": start_card["sha256"]} if start_card else {})
     state = _open_state(root, cfg, settings, source, force)
     records: list[dict[str, Any]] = state["rounds"]
-    if records and (records[-1]["status"] == "passed" or len(records) >= rounds):
+    if records and (records[-1]["status"] == "passed" or _protected(records) >= rounds):
         log(f"harden: {root / STATE} has {len(records)} finished round(s), the last {records[-1]['status']}: nothing to do")
         return _summary(root, state)
     tracking.ensure_store()
@@ -176,11 +191,16 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
         with tracking.Tracker.start("harden", cfg.name, {**to_dict(cfg), "run": settings}, resume=True,
                                     tags={"source_model": str(source)}) as run:
             run.set_tags({"rounds_asked": rounds})
-            for r in range(len(records) + 1, rounds + 1):
+            first = 0 if start is not None and not records else _protected(records) + 1
+            for r in range(first, rounds + 1):
                 if records and records[-1]["status"] == "passed":
                     break
-                rec, audit = _round(cfg, r, root, source, src_card["sha256"], records, protocol, feedback, opts,
-                                    run.run_id, log)
+                if r == 0:
+                    rec, audit = _round_zero(cfg, root, start, start_card["sha256"], protocol, feedback, opts,
+                                             run.run_id, log)
+                else:
+                    rec, audit = _round(cfg, r, root, source, src_card["sha256"], records, protocol, feedback, opts,
+                                        run.run_id, log)
                 records.append(rec)
                 state["done"] = "passed" if rec["status"] == "passed" else "rounds" if r >= rounds else None
                 write_json_atomic(root / STATE, state)
@@ -193,6 +213,24 @@ def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds:
 
             ray_local.shutdown()
     return _summary(root, state)
+
+
+def check_start(task: Any, src_card: dict[str, Any], start: Path) -> dict[str, Any]:
+    """The card of `--start`, refused (UserError) unless it is a model of this pipeline protected
+    from the source whose card is `src_card` (the source stays the audit's control)."""
+    card = read_card(start)
+    task.check_compatible(card, task.load_tensors().num_classes, str(start))
+    from_source = ((card.get("lineage") or {}).get("source") or {}).get("sha256")
+    if card.get("role") != "protected" or from_source != src_card["sha256"]:
+        raise UserError(f"--start {start}: not a model protected from this --source (its card names source "
+                        f"{str(from_source)[:12]}, the source is {src_card['sha256'][:12]}); pass the source it was "
+                        "protected from, or a model protected from this source")
+    return card
+
+
+def _protected(records: list[dict[str, Any]]) -> int:
+    """How many protection rounds are finished (round 0, the `start` model's audit, protects nothing)."""
+    return sum(1 for rec in records if rec["round"] >= 1)
 
 
 def _open_state(root: Path, cfg: PipelineConfig, settings: dict[str, Any], source: Path, force: bool) -> dict[str, Any]:
@@ -231,6 +269,19 @@ def _round(cfg: PipelineConfig, r: int, root: Path, source: Path, src_sha: str, 
     fed = feed(audit, tasks.of(cfg_r), protocol, feedback)
     seconds = {"protect": round(t1 - t0, 1), "audit": round(time.perf_counter() - t1, 1)}
     return _record(r, protected, sha, audit, recipes, fed, root, opts["model_name"], seconds), audit
+
+
+def _round_zero(cfg: PipelineConfig, root: Path, start: Path, sha: str, protocol: Any, feedback: int,
+                opts: dict[str, Any], parent: str, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Round 0 (with `start`): audit the start model as it is and choose the recipes round 1 trains
+    on. Returns (its record, its audit.json dict)."""
+    from sophon_ray.audit.rounds import feedback as feed
+
+    t0 = time.perf_counter()
+    audit = _audit(cfg, 0, root, start, sha, opts, parent, log, subject="the --start model")
+    fed = feed(audit, tasks.of(cfg), protocol, feedback)
+    seconds = {"protect": 0.0, "audit": round(time.perf_counter() - t0, 1)}
+    return _record(0, start, sha, audit, cfg.protect.env.recipes, fed, root, opts["model_name"], seconds), audit
 
 
 def _fed_by(cfg: PipelineConfig, records: list[dict[str, Any]], opts: dict[str, Any]) -> dict[str, Any] | None:

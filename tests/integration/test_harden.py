@@ -86,3 +86,28 @@ def test_a_killed_harden_resumes_after_its_last_finished_round(ray_local, digits
     # a third run of the same command has nothing left to do (no Ray, no MLflow run)
     done: list[str] = []
     assert harden(cfg, root, log=done.append, **kw)["rounds"] == summary["rounds"] and "nothing to do" in done[-1]
+
+
+@pytest.mark.slow  # ~1-2 min on 2 busy cores: round 0's audit, one in-process protection and its audit
+def test_a_harden_from_a_start_model_audits_it_first_and_trains_on_its_attacks(ray_local, digits_models, tmp_path):
+    cfg = tasks.get_pipeline("digits", True, FAST)
+    root = claim(tmp_path / "harden", "harden")
+    source, start = digits_models / "source", digits_models / "protected"
+    start_card = read_card(start)
+    log: list[str] = []
+    kw = dict(source=source, start=start, rounds=1, workers=0, suite="test-v1", seeds=1, concurrency=2,
+              samples=False, smoke=True, model_name="sophon-harden-start-test")
+    summary = harden(cfg, root, log=log.append, **kw)
+    r0, r1 = summary["rounds"]
+    assert r0["round"] == 0 and r0["model"] == str(start.resolve()) and r0["sha256"] == start_card["sha256"]
+    assert r0["audit"] == "round-0/audit/audit.json" and (root / r0["audit"]).is_file()
+    assert not (root / "round-0" / "protected").exists()  # the start's weights stay where they are
+    assert json.loads((root / r0["audit"]).read_text())["model"]["sha256"] == start_card["sha256"]
+    assert r0["fed_back"] and r0["seconds"]["protect"] == 0.0
+    card1 = read_card(root / "round-1" / "protected")
+    assert card1["lineage"]["start"]["sha256"] == start_card["sha256"]  # round 1 protects from the start ...
+    assert card1["lineage"]["source"]["sha256"] == read_card(source)["sha256"]  # ... the source stays the control
+    assert r1["env_recipes"][0] == r0["fed_back"][0]["env"] and card1["lineage"]["fed_by"]["rounds"] == [0]
+    assert any("audit of the --start model" in line for line in log)
+    done: list[str] = []  # the same command again: nothing left to do
+    assert harden(cfg, root, log=done.append, **kw)["rounds"] == summary["rounds"] and "nothing to do" in done[-1]

@@ -83,3 +83,32 @@ def test_a_harden_of_other_settings_is_refused_unless_force(tmp_path):
     (root / "harden.json").write_text('{"format": "something else"}')
     with pytest.raises(UserError, match="not a sophon-ray harden state"):
         _open_state(root, cfg, settings, tmp_path / "src", force=False)
+
+
+def test_a_start_that_is_not_protected_from_the_source_is_refused_before_any_work(digits_models, tmp_path, capsys):
+    src, prot = digits_models / "source", digits_models / "protected"
+    base = ["harden", "digits", "--smoke", "--rounds", "1", "--out", str(tmp_path / "out")]
+    for argv, needle in [(["--source", str(src), "--start", str(src)], "not a model protected from this --source"),
+                         (["--source", str(prot), "--start", str(prot)], "not a model protected from this --source"),
+                         (["--source", str(src), "--start", str(tmp_path / "nope")], "nope")]:
+        rc = main([*base, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_start_is_part_of_the_harden_state_key(digits_models, tmp_path):
+    from sophon_ray import tasks
+    from sophon_ray.app.harden import _open_state, check_start
+    from sophon_ray.modeldir import read_card
+    from sophon_ray.pipelines import load
+
+    cfg = load("digits", smoke=True)
+    src_card = read_card(digits_models / "source")
+    card = check_start(tasks.of(cfg), src_card, digits_models / "protected")
+    assert card["lineage"]["source"]["sha256"] == src_card["sha256"]
+    plain = {"feedback": 3, "source_sha256": src_card["sha256"]}
+    started = {**plain, "start_sha256": card["sha256"]}
+    a = _open_state(tmp_path / "a", cfg, plain, tmp_path, force=False)["key"]
+    b = _open_state(tmp_path / "b", cfg, started, tmp_path, force=False)["key"]
+    assert a != b  # a harden from a start never continues one from the source (or another start)
