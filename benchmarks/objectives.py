@@ -81,9 +81,15 @@ def plot(points: list[dict], out: Path) -> None:
     heads = [c["budget"] for c in points[0]["cols"]]
     width = 0.8 / len(points)
     fig, ax = plt.subplots(figsize=(10, 4))  # the legend sits right of the bars
+    top = 2.5  # removed past 250% says no more than "all of it": such bars are cut there and labelled
     for i, p in enumerate(points):
         ys = [float("nan") if c["removed"] is None else c["removed"] for c in p["cols"]]
-        ax.bar([j + i * width for j in range(len(heads))], ys, width, label=f"{p['label']} ({p['iterations']} it{' last chunk' if p.get('start') else ''})")
+        xs = [j + i * width for j in range(len(heads))]
+        ax.bar(xs, [min(y, top) for y in ys], width, label=f"{p['label']} ({p['iterations']} it{' last chunk' if p.get('start') else ''})")
+        for x, y in zip(xs, ys):
+            if y > top:
+                ax.annotate(f"{y:.0%}", (x, top), ha="center", va="bottom", fontsize=7)
+                ax.set_ylim(top=top * 1.1)
     ax.axhline(1.0, color="tab:green", ls="--", lw=1)
     ax.axhline(0.0, color="tab:gray", lw=0.8)
     ax.set_xticks([j + width * (len(points) - 1) / 2 for j in range(len(heads))], heads, fontsize=8)

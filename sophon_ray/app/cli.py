@@ -52,8 +52,8 @@ def _preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, metavar="NAME",
                    help="named protection settings put before your --set overrides: 'paper' = the SOPHON "
                         "paper's (ICE, K=50 inner SGD lr 1e-4 with head re-init, Adam 3e-4/5e-4, 1000 iterations); "
-                        "'hardened' = the best measured (K=20, loss after every 4th step, 800 iterations: "
-                        "8x the default, ~35 min on 2 cores for mnist-to-digits)")
+                        "'hardened' = the best measured (K=20, loss after every 4th step, 1600 iterations: "
+                        "16x the default, ~70 min on 2 cores for mnist-to-digits)")
 
 
 def parse_recipe(text: str) -> Any:

@@ -32,7 +32,7 @@ def test_hardened_preset_is_the_best_measured_compute_and_a_later_set_wins():
     cfg = tasks.get_pipeline("mnist-to-digits", overrides=[*preset_overrides("hardened"), "protect.iterations=200"])
     p = cfg.protect
     assert (p.inner_steps, p.query_every, p.iterations, p.loss) == (20, 4, 200, "klu")  # the pipeline's loss kept
-    assert tasks.get_pipeline("mnist-to-digits", overrides=list(PRESETS["hardened"])).protect.iterations == 800
+    assert tasks.get_pipeline("mnist-to-digits", overrides=list(PRESETS["hardened"])).protect.iterations == 1600
 
 
 def test_unknown_preset_is_exit_2(capsys):
