@@ -444,9 +444,10 @@ def merge_dict(obj: Any, data: Any, where: str = "") -> Any:
 # 2-core VM; measured in --start chunks of 100 / 100 / 200 / 400 / 800). Under issue 36's target audit
 # (default-v2 + a 64-trial search, 2 seeds, 10 / 25 / 100 steps) it removed 124% / 99% of the source's
 # advantage at 10 / 25 steps and passed (margin +0.014 vs epsilon 0.02; it does not certify: 100 steps
-# < the standard's 400); the paper's whole suite (paper-v1) it failed by 0.008 at 5 epochs (173% at
-# 20). The 8x point (800 iterations, half the cost) did the reverse: failed the search audit by 0.002,
-# passed paper-v1. Issue 36's long-horizon terms are not in it: none beat SOPHON's objective at equal compute.
+# < the standard's 400) and the paper's whole suite with seed re-runs (paper-v1, margin +0.006 at 5
+# epochs, 174% removed at 20; each recipe once it failed by 0.008 at 5 epochs). The 8x point (800
+# iterations, half the cost) failed the search audit by 0.002 and passed paper-v1. Issue 36's
+# long-horizon terms are not in it: none beat SOPHON's objective at equal compute.
 PRESETS: dict[str, tuple[str, ...]] = {
     "hardened": ("protect.inner_steps=20", "protect.query_every=4", "protect.iterations=1600"),
     "paper": (
