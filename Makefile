@@ -19,7 +19,7 @@ demo: $(STAMP)  ## mnist-to-digits-demo: full audit + the paper's protocol side 
 test: $(STAMP)  ## unit + integration + e2e but the slow and multi-node ones (< 15 min on 2 cores)
 	$(BIN)/python -m pytest -q -m "not cluster and not slow" --durations=15
 
-test-slow: $(STAMP)  ## the slow tests only, with the two-node Ray cluster tests (~15 min)
+test-slow: $(STAMP)  ## the slow tests only, with the two-node Ray cluster tests (~18 min on 2 busy cores)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or cluster"
 
 gpu-check-dry: $(STAMP)  ## benchmarks/gpu_check.sh's code paths on CPU at tiny sizes
