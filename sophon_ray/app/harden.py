@@ -123,7 +123,8 @@ def _record(r: int, protected: Path, sha: str, audit: dict[str, Any], env_recipe
     inside = protected.is_relative_to(root)
     return {"round": r, "model": str(protected.relative_to(root) if inside else protected), "sha256": sha,
             "version": versions[0] if versions else None,
-            "audit": str(((protected.parent if inside else root / f"round-{r}") / "audit" / "audit.json").relative_to(root)),
+            "audit": str(((protected.parent if inside else root / f"round-{r}") / "audit" / "audit.json")
+                         .relative_to(root)),
             "status": v["status"], "margin": v.get("margin"), "control_gap": v.get("control_gap"),
             "removed": v.get("removed") or {}, "residual": v.get("residual") or {},
             "certifies": bool((audit.get("certification") or {}).get("certifies")),
@@ -132,8 +133,8 @@ def _record(r: int, protected: Path, sha: str, audit: dict[str, Any], env_recipe
 
 
 def harden(cfg: PipelineConfig, root: str | Path, *, source: str | Path, rounds: int, feedback: int = 3,
-           start: str | Path | None = None, workers: int = 2, suite: str | None = None, search: int | None = None, seeds: int = 2,
-           concurrency: int | None = None, epsilon: float | None = None, min_gap: float | None = None,
+           start: str | Path | None = None, workers: int = 2, suite: str | None = None, search: int | None = None,
+           seeds: int = 2, concurrency: int | None = None, epsilon: float | None = None, min_gap: float | None = None,
            smoke: bool = False, samples: bool = True, model_name: str | None = None, ray_address: str | None = None,
            storage_path: str | None = None, gpus_per_worker: float = 0.0, verbose: bool = False, force: bool = False,
            standard_cfg: PipelineConfig | None = None, log: Log = print,
