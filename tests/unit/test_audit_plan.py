@@ -165,7 +165,7 @@ def test_paper_v1_is_the_papers_protocol_and_round_trips():
 
 
 def test_screen_v1_is_the_documented_screen():
-    """screen-v1 (docs/results.md, "Hardening"): the four recipes that break the default
+    """screen-v1 (docs/history/results-2026-12-07.md, "Hardening (issue 29)"): the four recipes that break the default
     mnist-to-digits protection plus the paper's SGD 1e-4; too small to certify."""
     from sophon_ray.audit.driver import MINIMUM
     from sophon_ray.tasks.classifier.suites import SCREEN_V1

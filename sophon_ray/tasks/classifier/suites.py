@@ -138,7 +138,7 @@ PAPER_V1_PROTOCOL = SuiteProtocol(
 
 # 5 recipes: issue 29's fixed screen, for comparing protections quickly (never certifies: too few
 # recipes): the four that break the default mnist-to-digits protection (docs/results.md) plus the
-# paper's SGD 1e-4. `--suite screen-v1 --budgets 10,25` is the screen of docs/results.md, "Hardening".
+# paper's SGD 1e-4. `--suite screen-v1 --budgets 10,25` is the screen of docs/history/results-2026-12-07.md, "Hardening (issue 29)".
 SCREEN_V1: tuple[Recipe, ...] = (
     R("direct-all", "adadelta", 1.0, 32),
     R("direct-all", "rmsprop", 1e-3, 32),
